@@ -1,0 +1,372 @@
+"""The FastAPI application: routes, error handling and the request life cycle."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.admission import Admission, OverloadedError
+from server.cache import CacheFullError
+from server.engine import Engine, RequestError
+from server.generation import Finished, SamplingParams
+from server.metrics import Metrics
+from server.middleware import RequestContextMiddleware
+from server.runner import GenerationFailed, GenerationJob
+from server.schemas import GenerateRequest, GenerateResponse, SamplingFields
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+PUBLIC_ROUTES = {"/healthz", "/readyz"}
+
+
+def _error(status: int, error_type: str, message: str, field: str | None = None, headers=None) -> JSONResponse:
+    body = {"error": {"type": error_type, "message": message}}
+    if field is not None:
+        body["error"]["field"] = field
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _describe_validation_error(item: dict) -> tuple[str, str]:
+    """Return ``(field, message)`` for one pydantic error, naming the field, value and rule."""
+    location = [str(part) for part in item.get("loc", ()) if part != "body"]
+    field = ".".join(location) or "body"
+    message = item.get("msg", "invalid value").removeprefix("Value error, ")
+    if item.get("type") == "extra_forbidden":
+        return field, f"{field} is not a known field; remove it"
+    if item.get("type") == "missing":
+        return field, f"{field} is required"
+    if location and "input" in item:
+        shown = repr(item["input"])
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        return field, f"{field}: {message}; got {shown}"
+    return field, message
+
+
+class ServerState:
+    """What the routes share: settings, engine, metrics, admission and running jobs."""
+
+    def __init__(self, settings: Settings, engine: Engine, metrics: Metrics):
+        self.settings = settings
+        self.engine = engine
+        self.metrics = metrics
+        self.admission: Admission | None = None
+        self.executor = ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix="generate")
+        self.jobs: set[GenerationJob] = set()
+        metrics.task_vector_bytes.set(engine.bundle.nbytes())
+        engine.on_evict = lambda key: metrics.cache_evictions.inc()
+
+    def refresh_cache_gauges(self) -> None:
+        self.metrics.cache_entries.set(len(self.engine.cache))
+        self.metrics.cache_bytes.set(self.engine.cache.nbytes())
+
+
+def check_api_key(settings: Settings, request: Request) -> None:
+    """Raise a 401 :class:`RequestError` unless the request carries the configured bearer token."""
+    if not settings.api_key:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.api_key.encode()):
+        raise RequestError(401, "unauthorized", "missing or invalid bearer token in the Authorization header")
+
+
+def sampling_params(state: ServerState, fields: SamplingFields, prompt_tokens: int) -> SamplingParams:
+    """Check request limits that depend on settings and return the sampling parameters.
+
+    ``max_new_tokens`` is cut to the room left in the context after the prompt.
+    """
+    settings = state.settings
+    requested = fields.max_new_tokens if fields.max_new_tokens is not None else settings.default_max_new_tokens
+    if requested > settings.max_new_tokens:
+        raise RequestError(
+            422,
+            "invalid_request",
+            f"max_new_tokens is {requested}; allowed: an integer from 1 to {settings.max_new_tokens}",
+            "max_new_tokens",
+        )
+    if len(fields.stop) > settings.max_stop_sequences:
+        raise RequestError(
+            422,
+            "invalid_request",
+            f"stop has {len(fields.stop)} sequences; allowed: at most {settings.max_stop_sequences}",
+            "stop",
+        )
+    room = state.engine.max_model_len - prompt_tokens
+    return SamplingParams(
+        max_new_tokens=min(requested, room),
+        temperature=fields.temperature,
+        top_p=fields.top_p,
+        top_k=fields.top_k,
+        seed=fields.seed,
+        stop=tuple(fields.stop),
+    )
+
+
+async def start_generation(
+    state: ServerState,
+    request: Request,
+    prompt: str | None,
+    messages: list[dict] | None,
+    preference: float | None,
+    coefficients: dict | None,
+    fields: SamplingFields,
+) -> tuple[GenerationJob, dict]:
+    """Validate, admit, fuse (or hit the cache) and start one generation.
+
+    Returns:
+        The running job and the response fields known before decoding starts.
+
+    Raises:
+        RequestError: invalid input (422, 413), overload (503) or a failed fusion (500).
+    """
+    arrived = request.state.arrived
+    request_id = request.state.request_id
+    engine = state.engine
+
+    # validate
+    preference, key = engine.resolve_coefficients(preference, coefficients)
+    prompt_ids = engine.encode_prompt(prompt, messages)
+    params = sampling_params(state, fields, len(prompt_ids))
+
+    # admit
+    try:
+        state.metrics.queued.inc()
+        await state.admission.acquire()
+    except OverloadedError as error:
+        raise RequestError(
+            503, "overloaded", f"server is at capacity; retry after {error.retry_after} s"
+        ) from error
+    finally:
+        state.metrics.queued.dec()
+    admitted = time.perf_counter()
+
+    # fuse or hit the cache; shielded so a disconnect cannot drop a lease that was just pinned
+    try:
+        with anyio.CancelScope(shield=True):
+            lease = await anyio.to_thread.run_sync(engine.acquire, key)
+    except CacheFullError as error:
+        state.admission.release()
+        raise RequestError(503, "overloaded", str(error)) from error
+    except Exception as error:
+        state.admission.release()
+        logger.exception("fusion failed for request %s, coefficients %s", request_id, key)
+        raise RequestError(500, "fusion_failed", f"fusion of coefficients {key} failed: {error}") from error
+
+    if lease.hit:
+        state.metrics.cache_hits.inc()
+    else:
+        state.metrics.cache_misses.inc()
+        state.metrics.fusion_duration.observe(lease.fusion_seconds)
+    state.refresh_cache_gauges()
+    state.metrics.in_flight.inc()
+    state.metrics.prompt_tokens.inc(len(prompt_ids))
+
+    def on_done() -> None:
+        state.admission.release()
+        state.metrics.in_flight.dec()
+        state.jobs.discard(job)
+
+    job = GenerationJob(engine, lease, prompt_ids, params, state.executor, on_done, request_id)
+    state.jobs.add(job)
+    known = {
+        "request_id": request_id,
+        "preference": preference,
+        "coefficients": {"helpfulness": key[0], "harmlessness": key[1]},
+        "cache": "hit" if lease.hit else "miss",
+        "prompt_tokens": len(prompt_ids),
+        "queue_seconds": admitted - arrived,
+        "fusion_seconds": lease.fusion_seconds,
+        "arrived": arrived,
+    }
+    return job, known
+
+
+def finish_response(state: ServerState, known: dict, finished: Finished) -> dict:
+    """Build the non-streaming response body and record the generation's metrics."""
+    now = time.perf_counter()
+    ttft = None
+    if finished.time_to_first_token is not None:
+        ttft = known["queue_seconds"] + known["fusion_seconds"] + finished.time_to_first_token
+        state.metrics.time_to_first_token.observe(ttft)
+    state.metrics.generated_tokens.inc(finished.completion_tokens)
+    state.metrics.generations_finished.labels(reason=finished.finish_reason).inc()
+    response = GenerateResponse(
+        request_id=known["request_id"],
+        text=finished.text,
+        finish_reason=finished.finish_reason,
+        preference=known["preference"],
+        coefficients=known["coefficients"],
+        usage={"prompt_tokens": known["prompt_tokens"], "completion_tokens": finished.completion_tokens},
+        timings={
+            "queue": round(known["queue_seconds"], 6),
+            "fusion": round(known["fusion_seconds"], 6),
+            "time_to_first_token": None if ttft is None else round(ttft, 6),
+            "total": round(now - known["arrived"], 6),
+        },
+        cache=known["cache"],
+    )
+    return response.model_dump()
+
+
+def _sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def stream_events(state: ServerState, job: GenerationJob, known: dict):
+    """Yield the Server-Sent Events of one generation: ``token`` events, then ``done`` or ``error``.
+
+    If the client disconnects, the response task is cancelled and ``finally`` stops the decode
+    loop; the worker thread then frees the slot and the cache pin.
+    """
+    index = 0
+    try:
+        async for item in job.events():
+            if isinstance(item, Finished):
+                yield _sse("done", finish_response(state, known, item))
+                return
+            yield _sse("token", {"index": index, "text": item})
+            index += 1
+    except GenerationFailed as error:
+        state.metrics.generations_finished.labels(reason="error").inc()
+        yield _sse("error", {"error": {"type": "generation_failed", "message": str(error)}})
+    finally:
+        if not job.finished.is_set() and not job.cancel_event.is_set():
+            logger.info("client disconnected; stopping generation of request %s", job.request_id)
+            state.metrics.generations_finished.labels(reason="disconnected").inc()
+        job.cancel("cancelled")
+
+
+def create_app(settings: Settings, engine: Engine) -> FastAPI:
+    """Build the application around a loaded engine."""
+    metrics = Metrics()
+    state = ServerState(settings, engine, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.admission = Admission(settings.max_concurrency, settings.max_queue)
+        logger.info("serving on %s:%s", settings.host, settings.port)
+        yield
+        state.admission.draining = True
+        state.executor.shutdown(wait=False, cancel_futures=True)
+        logger.info("server stopped")
+
+    app = FastAPI(
+        title="PEO preference-steerable model server",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.server = state
+
+    # errors
+
+    @app.exception_handler(RequestError)
+    async def handle_request_error(request: Request, error: RequestError):
+        headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+        if error.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        return _error(error.status, error.error_type, error.message, error.field, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def handle_validation_error(request: Request, error: RequestValidationError):
+        items = error.errors()
+        if any(item.get("type") == "json_invalid" for item in items):
+            return _error(400, "invalid_json", "request body is not valid UTF-8 JSON")
+        field, message = _describe_validation_error(items[0])
+        if len(items) > 1:
+            message += f" (and {len(items) - 1} more problem{'s' if len(items) > 2 else ''})"
+        return _error(422, "invalid_request", message, field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def handle_http_error(request: Request, error: StarletteHTTPException):
+        error_type = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return _error(error.status_code, error_type, str(error.detail), headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def handle_unexpected(request: Request, error: Exception):
+        logger.exception("unhandled error in request %s", getattr(request.state, "request_id", "?"))
+        return _error(500, "internal_error", "internal server error; see the server log")
+
+    # routes
+
+    @app.post("/generate", response_model=GenerateResponse)
+    async def generate(body: GenerateRequest, request: Request):
+        """Generate from a prompt or chat messages with weights fused for a preference.
+
+        With ``stream: true`` the response is Server-Sent Events: ``token`` events, then one
+        ``done`` event with the same fields as the non-streaming response, or one ``error``.
+        """
+        check_api_key(settings, request)
+        messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
+        coefficients = body.coefficients.model_dump() if body.coefficients is not None else None
+        job, known = await start_generation(
+            state, request, body.prompt, messages, body.preference, coefficients, body
+        )
+
+        if body.stream:
+            return StreamingResponse(
+                stream_events(state, job, known),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+
+        try:
+            text_parts = []
+            async for item in job.events():
+                if isinstance(item, Finished):
+                    return finish_response(state, known, item)
+                text_parts.append(item)
+        except GenerationFailed as error:
+            state.metrics.generations_finished.labels(reason="error").inc()
+            raise RequestError(500, "generation_failed", str(error)) from error
+        finally:
+            job.cancel("cancelled")
+
+    @app.get("/healthz")
+    async def healthz():
+        """Report that the process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        """Report whether the model and vectors are loaded and new requests are accepted."""
+        if state.admission is None or state.admission.draining:
+            return _error(503, "not_ready", "server is starting or shutting down", headers={"Retry-After": "1"})
+        return {"status": "ready", "in_flight": state.admission.running, "queued": state.admission.waiting}
+
+    @app.get("/info")
+    async def info(request: Request):
+        """Describe the base model, task vectors, bounds, preference map and cache state."""
+        if settings.protect_metrics:
+            check_api_key(settings, request)
+        return engine.info()
+
+    @app.get("/metrics")
+    async def prometheus_metrics(request: Request):
+        """Expose Prometheus metrics in the text format."""
+        if settings.protect_metrics:
+            check_api_key(settings, request)
+        state.refresh_cache_gauges()
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    known_routes = {route.path for route in app.routes}
+    app.add_middleware(
+        RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, known_routes=known_routes
+    )
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"], allow_headers=["*"])
+    return app

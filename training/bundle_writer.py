@@ -1,0 +1,110 @@
+"""Assemble a checkpoint bundle from finished aspect runs.
+
+Run as ``python -m training.bundle_writer --help-run runs/helpfulness --harm-run runs/harmlessness
+--output checkpoints/smollm2-hh``. Each run folder must hold ``task_vector.safetensors`` and
+``record.json`` written by :mod:`training.dpo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from peo_merge.base_model import sha256_file
+from peo_merge.bundle import FORMAT_VERSION, CoefficientBounds, Manifest, VectorEntry, write_manifest
+from peo_merge.task_vector import load_task_vector, save_task_vector
+from training.dpo import RECORD_FILE, VECTOR_FILE
+
+STORAGE_DTYPE = torch.float16
+
+
+def _portable_data_files(data_files: dict[str, str]) -> dict[str, str]:
+    """Key data file hashes by ``<folder>/<file>`` so the manifest holds no machine-local paths."""
+    return {f"{Path(path).parent.name}/{Path(path).name}": digest for path, digest in data_files.items()}
+
+
+def recipe_from_record(record: dict) -> dict:
+    """Return the manifest recipe of a run: data, steps, batch, length, rates, LoRA and timing."""
+    config = record["config"]
+    return {
+        "method": "DPO (TRL DPOTrainer) with a LoRA adapter, from the base model",
+        "data_files": _portable_data_files(record["data_files"]),
+        "train_pairs": record["train_pairs"],
+        "heldout_pairs": record["heldout_pairs"],
+        "heldout_fraction": config["heldout_fraction"],
+        "steps": record["steps"],
+        "batch_size": record["effective_batch_size"],
+        "per_device_batch_size": config["batch_size"],
+        "gradient_accumulation": config["gradient_accumulation"],
+        "max_length": config["max_length"],
+        "max_prompt_tokens": config["max_prompt_tokens"],
+        "learning_rate": config["learning_rate"],
+        "beta": config["beta"],
+        "lora_rank": config["lora_rank"],
+        "lora_alpha": config["lora_alpha"],
+        "lora_targets": config["lora_targets"],
+        "seed": config["seed"],
+        "wall_time_seconds": record["wall_time_seconds"],
+        "torch_threads": record.get("torch_threads"),
+    }
+
+
+def write_bundle(runs: dict[str, Path], output: Path, name: str) -> Manifest:
+    """Copy each run's task vector into ``output/vectors`` as fp16 and write the manifest."""
+    output.mkdir(parents=True, exist_ok=True)
+    vectors_dir = output / "vectors"
+    if vectors_dir.exists():
+        shutil.rmtree(vectors_dir)
+
+    entries = {}
+    base_identity = None
+    for aspect, run_dir in runs.items():
+        record = json.loads((run_dir / RECORD_FILE).read_text())
+        config = record["config"]
+        scaling = config["lora_alpha"] / config["lora_rank"]
+        vector = load_task_vector(run_dir / VECTOR_FILE, aspect, "lowrank", scaling)
+        relative = f"vectors/{aspect}.safetensors"
+        save_task_vector(vector, output / relative, dtype=STORAGE_DTYPE)
+        entries[aspect] = VectorEntry(
+            file=relative,
+            kind="lowrank",
+            target_modules=tuple(config["lora_targets"]),
+            rank=config["lora_rank"],
+            scaling=scaling,
+            sha256=sha256_file(output / relative),
+            recipe=recipe_from_record(record),
+        )
+        base_identity = {key: value for key, value in record["base_model"].items() if key != "path"}
+
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        name=name,
+        base_model=base_identity,
+        dtype="float16",
+        vectors=entries,
+        offset={},
+        coefficient_bounds=CoefficientBounds(min=-1.0, max=2.0),
+        default_preference=0.5,
+        phases={"aspect_learning": {aspect: entry.recipe["wall_time_seconds"] for aspect, entry in entries.items()}},
+    )
+    write_manifest(output, manifest)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--help-run", required=True, type=Path, help="run folder of the helpfulness vector")
+    parser.add_argument("--harm-run", required=True, type=Path, help="run folder of the harmlessness vector")
+    parser.add_argument("--output", required=True, type=Path, help="bundle folder to write")
+    parser.add_argument("--name", default="smollm2-hh")
+    args = parser.parse_args(argv)
+    manifest = write_bundle({"helpfulness": args.help_run, "harmlessness": args.harm_run}, args.output, args.name)
+    print(f"wrote {args.output} with vectors {sorted(manifest.vectors)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Validated, frozen descriptions of the offline training runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ASPECTS = ("helpfulness", "harmlessness")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class AspectRunConfig(BaseModel):
+    """One DPO + LoRA run that produces the task vector of a single aspect."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    aspect: str = Field(pattern="^(helpfulness|harmlessness|mixed)$")
+    data: tuple[Path, ...] = Field(min_length=1, description="HH-RLHF files or folders")
+    output_dir: Path
+    base_model: str | None = None
+    heldout_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    max_train_pairs: int | None = Field(default=None, gt=0)
+    steps: int = Field(default=100, gt=0)
+    batch_size: int = Field(default=4, gt=0)
+    gradient_accumulation: int = Field(default=2, gt=0)
+    max_length: int = Field(default=192, gt=16)
+    max_prompt_tokens: int = Field(default=112, gt=8)
+    learning_rate: float = Field(default=5e-4, gt=0.0)
+    beta: float = Field(default=0.1, gt=0.0)
+    lora_rank: int = Field(default=8, gt=0)
+    lora_alpha: float = Field(default=16.0, gt=0.0)
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    seed: int = 0
+    save_every: int = Field(default=10, gt=0)
+    threads: int | None = Field(default=None, gt=0)
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Pairs per optimizer step."""
+        return self.batch_size * self.gradient_accumulation

@@ -1,0 +1,220 @@
+"""Train one LoRA task vector with TRL's DPOTrainer, resumably.
+
+Run as ``python -m training.dpo --aspect helpfulness --data PATH ... --output-dir DIR``. The run
+saves a Trainer checkpoint every ``save_every`` steps under ``DIR/checkpoints`` and resumes from
+the newest one when started again with the same arguments. When it finishes it writes
+``DIR/task_vector.safetensors`` and ``DIR/record.json`` (config, data file hashes, pair counts,
+steps, wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from peo_merge.base_model import load_base_model, resolve_base_model, sha256_file
+from peo_merge.task_vector import save_task_vector, task_vector_from_peft
+from training.config import DEFAULT_TARGETS, AspectRunConfig
+from training.data import data_files, read_pairs, split_train_heldout, to_dpo_rows
+
+logger = logging.getLogger(__name__)
+
+VECTOR_FILE = "task_vector.safetensors"
+RECORD_FILE = "record.json"
+WALL_TIME_FILE = "wall_time.json"
+
+
+def load_split(config: AspectRunConfig) -> tuple[list, list]:
+    """Read every data path of a run and return its deterministic ``(train, heldout)`` pairs."""
+    pairs = [pair for path in config.data for pair in read_pairs(path)]
+    return split_train_heldout(pairs, config.heldout_fraction, config.seed)
+
+
+def data_hashes(paths: tuple[Path, ...]) -> dict[str, str]:
+    """Return ``{file: sha256}`` for every data file a run reads."""
+    return {str(file): sha256_file(file) for path in paths for file in data_files(path)}
+
+
+class _WallTimeCallback:
+    """Accumulate training wall time across resumed runs in ``wall_time.json``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.previous = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+        self.started = time.monotonic()
+
+    def total(self) -> float:
+        return self.previous + time.monotonic() - self.started
+
+    def write(self) -> None:
+        self.path.write_text(json.dumps({"seconds": round(self.total(), 1)}) + "\n")
+
+
+def train_aspect(config: AspectRunConfig, model=None, tokenizer=None) -> Path:
+    """Train one aspect's LoRA with DPO and export it as a task vector.
+
+    Args:
+        config: the run description.
+        model: the policy to start from; defaults to the resolved base model. The DPO reference
+            is this same model with the adapter disabled.
+        tokenizer: the tokenizer of ``model``.
+
+    Returns:
+        The path of the exported task vector file.
+    """
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    output_dir = config.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.json").write_text(config.model_dump_json(indent=2) + "\n")
+
+    # load the policy and the data
+    source = resolve_base_model(config.base_model)
+    if model is None:
+        model, tokenizer = load_base_model(source)
+    model.requires_grad_(True)
+    model.train()
+
+    train_pairs, heldout_pairs = load_split(config)
+    if config.max_train_pairs is not None:
+        train_pairs = train_pairs[: config.max_train_pairs]
+    rows = to_dpo_rows(train_pairs, tokenizer, config.max_prompt_tokens)
+    logger.info("%s: %d train pairs, %d held out", config.aspect, len(train_pairs), len(heldout_pairs))
+
+    # train, resuming from the newest checkpoint
+    checkpoint_dir = output_dir / "checkpoints"
+    args = DPOConfig(
+        output_dir=str(checkpoint_dir),
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, config.steps // 20),
+        beta=config.beta,
+        max_length=config.max_length,
+        logging_steps=1,
+        save_steps=config.save_every,
+        save_total_limit=2,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+    )
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=list(config.lora_targets),
+        task_type="CAUSAL_LM",
+    )
+    wall_time = _WallTimeCallback(output_dir / WALL_TIME_FILE)
+
+    class SaveWallTime(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            wall_time.write()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                logger.info("%s step %d/%d %s", config.aspect, state.global_step, state.max_steps, logs)
+
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[SaveWallTime()],
+    )
+    has_checkpoint = any(checkpoint_dir.glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+    wall_time.write()
+
+    # export the adapter as a task vector with its record
+    vector = task_vector_from_peft(trainer.model, config.aspect)
+    vector_path = output_dir / VECTOR_FILE
+    save_task_vector(vector, vector_path)
+    record = {
+        "aspect": config.aspect,
+        "config": json.loads(config.model_dump_json()),
+        "base_model": source.identity(),
+        "data_files": data_hashes(config.data),
+        "train_pairs": len(train_pairs),
+        "heldout_pairs": len(heldout_pairs),
+        "steps": trainer.state.global_step,
+        "effective_batch_size": config.effective_batch_size,
+        "wall_time_seconds": round(wall_time.total(), 1),
+        "final_logs": trainer.state.log_history[-3:],
+        "torch_threads": torch.get_num_threads(),
+    }
+    (output_dir / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    logger.info("%s: wrote %s after %d steps", config.aspect, vector_path, trainer.state.global_step)
+    return vector_path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--aspect", required=True, choices=["helpfulness", "harmlessness", "mixed"])
+    parser.add_argument("--data", required=True, nargs="+", type=Path, help="HH-RLHF files or folders")
+    parser.add_argument("--output-dir", required=True, type=Path)
+    parser.add_argument("--base-model", default=None, help="local model folder; default SmolLM2-135M-Instruct")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=4, help="pairs per forward pass")
+    parser.add_argument("--gradient-accumulation", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=192, help="tokens of prompt plus response")
+    parser.add_argument("--max-prompt-tokens", type=int, default=112)
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-alpha", type=float, default=16.0)
+    parser.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_TARGETS))
+    parser.add_argument("--heldout-fraction", type=float, default=0.1)
+    parser.add_argument("--max-train-pairs", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=10, help="checkpoint interval in steps")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    config = AspectRunConfig(
+        aspect=args.aspect,
+        data=tuple(args.data),
+        output_dir=args.output_dir,
+        base_model=args.base_model,
+        heldout_fraction=args.heldout_fraction,
+        max_train_pairs=args.max_train_pairs,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        gradient_accumulation=args.gradient_accumulation,
+        max_length=args.max_length,
+        max_prompt_tokens=args.max_prompt_tokens,
+        learning_rate=args.learning_rate,
+        beta=args.beta,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_targets=tuple(args.lora_targets),
+        seed=args.seed,
+        save_every=args.save_every,
+        threads=args.threads,
+    )
+    train_aspect(config)
+
+
+if __name__ == "__main__":
+    main()
