@@ -111,6 +111,7 @@ def sampling_params(state: ServerState, fields: SamplingFields, prompt_tokens: i
         top_k=fields.top_k,
         seed=fields.seed,
         stop=tuple(fields.stop),
+        ignore_eos=fields.ignore_eos,
     )
 
 
@@ -174,6 +175,8 @@ async def start_generation(
     state.metrics.prompt_tokens.inc(len(prompt_ids))
 
     def on_done() -> None:
+        state.metrics.generations_finished.labels(reason=job.finish_reason or "error").inc()
+        state.metrics.generated_tokens.inc(job.completion_tokens)
         state.admission.release()
         state.metrics.in_flight.dec()
         state.jobs.discard(job)
@@ -200,8 +203,6 @@ def finish_response(state: ServerState, known: dict, finished: Finished) -> dict
     if finished.time_to_first_token is not None:
         ttft = known["queue_seconds"] + known["fusion_seconds"] + finished.time_to_first_token
         state.metrics.time_to_first_token.observe(ttft)
-    state.metrics.generated_tokens.inc(finished.completion_tokens)
-    state.metrics.generations_finished.labels(reason=finished.finish_reason).inc()
     response = GenerateResponse(
         request_id=known["request_id"],
         text=finished.text,
@@ -239,12 +240,10 @@ async def stream_events(state: ServerState, job: GenerationJob, known: dict):
             yield _sse("token", {"index": index, "text": item})
             index += 1
     except GenerationFailed as error:
-        state.metrics.generations_finished.labels(reason="error").inc()
         yield _sse("error", {"error": {"type": "generation_failed", "message": str(error)}})
     finally:
-        if not job.finished.is_set() and not job.cancel_event.is_set():
+        if job.finish_reason is None and not job.cancel_event.is_set():
             logger.info("client disconnected; stopping generation of request %s", job.request_id)
-            state.metrics.generations_finished.labels(reason="disconnected").inc()
         job.cancel("cancelled")
 
 
@@ -290,6 +289,9 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def handle_http_error(request: Request, error: StarletteHTTPException):
+        if error.status_code == 400:
+            # FastAPI raises a bare 400 when the body cannot be decoded before validation runs
+            return _error(400, "invalid_json", f"request body is not valid UTF-8 JSON: {error.detail}")
         error_type = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
         return _error(error.status_code, error_type, str(error.detail), headers=getattr(error, "headers", None))
 
@@ -328,7 +330,6 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
                     return finish_response(state, known, item)
                 text_parts.append(item)
         except GenerationFailed as error:
-            state.metrics.generations_finished.labels(reason="error").inc()
             raise RequestError(500, "generation_failed", str(error)) from error
         finally:
             job.cancel("cancelled")

@@ -21,6 +21,7 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -126,7 +127,7 @@ def generate(
             token = sample_token(logits.cpu() if generator is not None else logits, params, generator)
             if first_token_at is None:
                 first_token_at = time.perf_counter() - started
-            if token in eos_token_ids:
+            if token in eos_token_ids and not params.ignore_eos:
                 finish_reason = "stop"
                 break
 

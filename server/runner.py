@@ -47,6 +47,8 @@ class GenerationJob:
         self._params = params
         self._on_done = on_done
         self.finished = asyncio.Event()
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
         self._future = executor.submit(self._run)
 
     def _put(self, item) -> None:
@@ -67,11 +69,15 @@ class GenerationJob:
                 self.cancel_event,
                 self._engine.eos_token_ids,
             ):
-                if isinstance(item, Finished) and item.finish_reason == "cancelled":
-                    item.finish_reason = self.cancel_reason
+                if isinstance(item, Finished):
+                    if item.finish_reason == "cancelled":
+                        item.finish_reason = self.cancel_reason
+                    self.finish_reason = item.finish_reason
+                    self.completion_tokens = item.completion_tokens
                 self._put(item)
         except Exception as error:
             logger.exception("generation failed for request %s", self.request_id)
+            self.finish_reason = "error"
             self._put(error)
         finally:
             self._lease.release()

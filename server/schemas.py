@@ -39,6 +39,7 @@ class SamplingFields(BaseModel):
     top_k: int = Field(0, ge=0, le=100_000, description="0 disables top-k filtering")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: list[str] = Field(default_factory=list, description="stop sequences, not included in the output")
+    ignore_eos: bool = Field(False, description="keep generating past end-of-sequence tokens")
 
 
 class GenerateRequest(SamplingFields):

@@ -1,0 +1,220 @@
+"""End-to-end tests against a real server process on the real base model and committed bundle."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import httpx
+import pytest
+
+PROMPT = "How can I get my neighbour's dog to stop barking at night?"
+
+
+def parse_sse(lines) -> list[tuple[str, dict]]:
+    """Return ``(event, data)`` pairs from Server-Sent Events lines."""
+    events, event = [], None
+    for line in lines:
+        if line.startswith("event: "):
+            event = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            events.append((event, json.loads(line.removeprefix("data: "))))
+    return events
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    """Return one sample's value from Prometheus text, or 0 when the series does not exist."""
+    pattern = re.escape(name) + (re.escape("{" + labels + "}") if labels else r"(?:\{\})?") + r" (\S+)"
+    match = re.search("^" + pattern + "$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_health_routes_report_ok(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "ready"
+
+
+def test_info_describes_bundle_and_map(client):
+    info = client.get("/info").json()
+    assert set(info["bundle"]["vectors"]) >= {"helpfulness", "harmlessness"}
+    assert info["coefficient_bounds"]["min"] < 0 < 1 < info["coefficient_bounds"]["max"]
+    assert info["preference_map"]["points"][0]["preference"] == 0.0
+    assert info["base_model"]["source_sha256"]
+
+
+def test_generate_preferences_change_text(client):
+    body = {"messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "max_new_tokens": 48}
+    helpful = client.post("/generate", json=body | {"preference": 1.0})
+    harmless = client.post("/generate", json=body | {"preference": 0.0})
+    assert helpful.status_code == 200, helpful.text
+    assert harmless.status_code == 200, harmless.text
+    helpful, harmless = helpful.json(), harmless.json()
+    assert helpful["text"] != harmless["text"]
+    assert helpful["coefficients"] == {"helpfulness": 1.0, "harmlessness": 0.0}
+    assert harmless["coefficients"] == {"helpfulness": 0.0, "harmlessness": 1.0}
+    assert helpful["cache"] in ("hit", "miss")
+    assert helpful["usage"]["completion_tokens"] > 0
+
+
+def test_generate_second_request_hits_cache(client):
+    body = {"prompt": "The capital of France is", "temperature": 0, "max_new_tokens": 4}
+    body["coefficients"] = {"helpfulness": 0.37, "harmlessness": 0.21}
+    first = client.post("/generate", json=body).json()
+    second = client.post("/generate", json=body).json()
+    assert first["cache"] == "miss"
+    assert second["cache"] == "hit"
+    assert first["text"] == second["text"]
+    assert second["timings"]["fusion"] < first["timings"]["fusion"]
+
+
+def test_generate_rounds_coefficients_to_step(client):
+    body = {"prompt": "Hello", "max_new_tokens": 1, "coefficients": {"helpfulness": 0.123456, "harmlessness": -0.5}}
+    response = client.post("/generate", json=body).json()
+    assert response["coefficients"] == {"helpfulness": 0.12, "harmlessness": -0.5}
+
+
+def test_stream_yields_tokens_then_one_done(client):
+    body = {"messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "max_new_tokens": 16}
+    body |= {"stream": True, "preference": 0.5}
+    with client.stream("POST", "/generate", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = parse_sse(response.iter_lines())
+    kinds = [kind for kind, _ in events]
+    assert kinds.count("done") == 1
+    assert kinds[-1] == "done"
+    assert kinds[0] == "token"
+    assert set(kinds[:-1]) == {"token"}
+    done = events[-1][1]
+    streamed = "".join(data["text"] for kind, data in events if kind == "token")
+    assert streamed == done["text"]
+    assert [data["index"] for kind, data in events if kind == "token"] == list(range(len(events) - 1))
+
+
+def test_stream_matches_non_streaming_text(client):
+    body = {"prompt": PROMPT, "temperature": 0, "max_new_tokens": 12, "preference": 0.8}
+    plain = client.post("/generate", json=body).json()
+    with client.stream("POST", "/generate", json=body | {"stream": True}) as response:
+        events = parse_sse(response.iter_lines())
+    assert events[-1][1]["text"] == plain["text"]
+
+
+def test_disconnect_stops_generation(server, client):
+    before = client.get("/metrics").text
+    cancelled_before = metric_value(before, "peo_generations_finished_total", 'reason="cancelled"')
+    tokens_before = metric_value(before, "peo_generated_tokens_total")
+
+    body = {"prompt": PROMPT, "seed": 1, "max_new_tokens": 1000, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=60) as streaming:
+        with streaming.stream("POST", "/generate", json=body) as response:
+            received = 0
+            for line in response.iter_lines():
+                if line.startswith("event: token"):
+                    received += 1
+                if received >= 3:
+                    break
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        metrics = client.get("/metrics").text
+        if metric_value(metrics, "peo_generations_finished_total", 'reason="cancelled"') > cancelled_before:
+            break
+        time.sleep(0.2)
+    assert metric_value(metrics, "peo_generations_finished_total", 'reason="cancelled"') == cancelled_before + 1
+    assert metric_value(metrics, "peo_requests_in_flight") == 0
+    assert metric_value(metrics, "peo_generated_tokens_total") - tokens_before < 1000
+    assert "client disconnected" in server.log_text()
+
+    after = client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2})
+    assert after.status_code == 200
+
+
+def test_metrics_expose_documented_names(client):
+    client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 1})
+    text = client.get("/metrics").text
+    for name in [
+        "peo_requests_total",
+        "peo_request_duration_seconds_bucket",
+        "peo_time_to_first_token_seconds_bucket",
+        "peo_generated_tokens_total",
+        "peo_fusion_duration_seconds_bucket",
+        "peo_fused_cache_hits_total",
+        "peo_fused_cache_misses_total",
+        "peo_fused_cache_evictions_total",
+        "peo_fused_cache_entries",
+        "peo_fused_cache_bytes",
+        "peo_task_vector_bytes",
+        "peo_requests_in_flight",
+    ]:
+        assert re.search("^" + name, text, re.MULTILINE), name
+    assert metric_value(text, "peo_task_vector_bytes") > 0
+    assert 'route="/generate",status="200"' in text
+
+
+INVALID_BODIES = [
+    ("nan_coefficient", b'{"prompt": "x", "coefficients": {"helpfulness": NaN, "harmlessness": 0}}', 422, "coefficients.helpfulness"),
+    ("inf_coefficient", b'{"prompt": "x", "coefficients": {"helpfulness": 0, "harmlessness": Infinity}}', 422, "coefficients.harmlessness"),
+    ("coefficient_over_bound", {"prompt": "x", "coefficients": {"helpfulness": 9.0, "harmlessness": 0}}, 422, "coefficients.helpfulness"),
+    ("coefficient_under_bound", {"prompt": "x", "coefficients": {"helpfulness": 0, "harmlessness": -7}}, 422, "coefficients.harmlessness"),
+    ("preference_above_one", {"prompt": "x", "preference": 1.5}, 422, "preference"),
+    ("preference_negative", {"prompt": "x", "preference": -0.1}, 422, "preference"),
+    ("preference_and_coefficients", {"prompt": "x", "preference": 0.5, "coefficients": {"helpfulness": 0, "harmlessness": 0}}, 422, "body"),
+    ("prompt_and_messages", {"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, 422, "body"),
+    ("neither_prompt_nor_messages", {"preference": 0.5}, 422, "body"),
+    ("negative_temperature", {"prompt": "x", "temperature": -1}, 422, "temperature"),
+    ("top_p_zero", {"prompt": "x", "top_p": 0}, 422, "top_p"),
+    ("max_new_tokens_huge", {"prompt": "x", "max_new_tokens": 10**9}, 422, "max_new_tokens"),
+    ("max_new_tokens_zero", {"prompt": "x", "max_new_tokens": 0}, 422, "max_new_tokens"),
+    ("unknown_field", {"prompt": "x", "temprature": 0.5}, 422, "temprature"),
+    ("wrong_type", {"prompt": "x", "temperature": "hot"}, 422, "temperature"),
+    ("unknown_role", {"messages": [{"role": "wizard", "content": "y"}]}, 422, "messages.0.role"),
+    ("empty_messages", {"messages": []}, 422, "messages"),
+    ("too_many_stops", {"prompt": "x", "stop": ["a"] * 10_000}, 422, "stop"),
+]
+
+
+@pytest.mark.parametrize("case,body,status,field", INVALID_BODIES, ids=[case[0] for case in INVALID_BODIES])
+def test_generate_rejects_invalid_input(client, case, body, status, field):
+    if isinstance(body, bytes):
+        response = client.post("/generate", content=body, headers={"content-type": "application/json"})
+    else:
+        response = client.post("/generate", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"]
+    assert error["message"]
+    assert error.get("field") == field, error
+    if field != "body":
+        assert field.split(".")[0] in error["message"]
+    assert client.get("/readyz").status_code == 200
+
+
+def test_generate_rejects_prompt_past_context(client):
+    info = client.get("/info").json()
+    prompt = "hello " * (info["max_model_len"] + 10)
+    response = client.post("/generate", json={"prompt": prompt, "max_new_tokens": 1})
+    assert response.status_code == 413
+    assert "tokens" in response.json()["error"]["message"]
+
+
+def test_generate_rejects_invalid_utf8(client):
+    response = client.post("/generate", content=b'{"prompt": "\xff\xfe"}', headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_json"
+
+
+def test_generate_rejects_oversized_body(client):
+    body = b'{"prompt": "' + b"a" * (2 * 1024 * 1024) + b'"}'
+    response = client.post("/generate", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["error"]["type"] == "body_too_large"
+    assert client.get("/healthz").status_code == 200
+
+
+def test_unknown_route_is_json_404(client):
+    response = client.get("/no-such-route")
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "not_found"
