@@ -16,6 +16,28 @@ from server.settings import load_settings
 logger = logging.getLogger("server")
 
 
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server that, on SIGINT or SIGTERM, also drains running generations.
+
+    uvicorn stops accepting connections and waits for open ones; the server state additionally
+    rejects new requests with 503 and ends streams that outlive the grace period.
+    """
+
+    def __init__(self, config: uvicorn.Config, state):
+        super().__init__(config)
+        self.state = state
+        self.draining = False
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.draining:
+            self.draining = True
+            self.state.begin_shutdown()
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals after shutdown, which would end the process with
+        # -SIGTERM; a drained shutdown is a clean exit, so the process returns 0 instead.
+        self._captured_signals.clear()
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings(argv)
     configure_logging(settings.log_level, settings.log_json)
@@ -26,13 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     app = create_app(settings, engine)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_config=None,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
     )
+    DrainingServer(config, app.state.server).run()
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -66,6 +67,29 @@ class ServerState:
         self.jobs: set[GenerationJob] = set()
         metrics.task_vector_bytes.set(engine.bundle.nbytes())
         engine.on_evict = lambda key: metrics.cache_evictions.inc()
+
+    def begin_shutdown(self) -> None:
+        """Stop admitting requests, then end the generations still running after the grace period.
+
+        Must run on the event loop. Generations ended this way finish with reason ``shutdown``,
+        so their streams close with a ``done`` event that says why.
+        """
+        if self.admission is not None:
+            self.admission.draining = True
+        running = len(self.jobs)
+        logger.info(
+            "shutdown requested: %d generations running, %.0f s grace period",
+            running,
+            self.settings.shutdown_grace_seconds,
+        )
+
+        def end_remaining() -> None:
+            for job in list(self.jobs):
+                job.cancel("shutdown")
+            if self.jobs:
+                logger.info("ended %d generations at shutdown", len(self.jobs))
+
+        asyncio.get_running_loop().call_later(self.settings.shutdown_grace_seconds, end_remaining)
 
     def refresh_cache_gauges(self) -> None:
         self.metrics.cache_entries.set(len(self.engine.cache))

@@ -28,6 +28,8 @@ class _Entry:
 class _Pending:
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    # True once room is reserved and the build runs; a miss still waiting for room holds none
+    building: bool = False
 
 
 @dataclass
@@ -65,7 +67,8 @@ class FusedModelCache:
     - A pinned entry is never evicted. When only pinned entries are left and the new one does not
       fit, ``acquire`` waits up to ``wait_timeout`` seconds for a release, then raises
       :class:`CacheFullError`.
-    - Concurrent ``acquire`` calls for one missing key share a single build (single-flight); if
+    - Concurrent ``acquire`` calls for one missing key share a single build (single-flight): the
+      first caller builds, the others wait for its outcome without a deadline of their own. If
       the build fails, all of them get its error and nothing is cached.
 
     Args:
@@ -152,7 +155,8 @@ class FusedModelCache:
 
                 pending = self._pending.get(key)
                 if pending is not None:
-                    self._wait(deadline, key)
+                    # the leader either builds the entry or fails; its outcome is ours
+                    self._condition.wait()
                     if pending.error is not None:
                         raise pending.error
                     continue
@@ -165,6 +169,7 @@ class FusedModelCache:
                 except CacheFullError as error:
                     self._fail_pending(key, pending, error)
                     raise
+                pending.building = True
                 break
 
         # build outside the lock, so hits on other keys are served meanwhile
@@ -180,6 +185,9 @@ class FusedModelCache:
             self.builds += 1
             pending.done.set()
             del self._pending[key]
+            if nbytes > self._entry_nbytes:
+                logger.warning("fused model %s has %d bytes, more than the %d reserved", key, nbytes, self._entry_nbytes)
+                self._evict_while(lambda: self._used_bytes() > self.max_bytes)
             self._condition.notify_all()
         return Lease(key, value, False, time.perf_counter() - started, self)
 
@@ -198,32 +206,48 @@ class FusedModelCache:
 
     # eviction
 
+    def _used_bytes(self) -> int:
+        return sum(entry.nbytes for entry in self._entries.values())
+
     def _fits(self) -> bool:
-        """Whether entries plus builds in progress (the caller's included) fit both bounds."""
-        count = len(self._entries) + len(self._pending)
-        used = sum(entry.nbytes for entry in self._entries.values())
-        reserved = len(self._pending) * self._entry_nbytes
-        return count <= self.max_entries and used + reserved <= self.max_bytes
+        """Whether entries, running builds and the caller's build fit both bounds."""
+        building = sum(1 for pending in self._pending.values() if pending.building)
+        count = len(self._entries) + building + 1
+        reserved = (building + 1) * self._entry_nbytes
+        return count <= self.max_entries and self._used_bytes() + reserved <= self.max_bytes
+
+    def _evict_one(self) -> tuple[bool, Any]:
+        """Evict the least recently used unpinned entry; return ``(evicted, value)``."""
+        victim = next((k for k, entry in self._entries.items() if entry.pins == 0), None)
+        if victim is None:
+            return False, None
+        evicted = self._entries.pop(victim)
+        self.evictions += 1
+        logger.debug("evicted fused model %s (%d bytes)", victim, evicted.nbytes)
+        if self._on_evict is not None:
+            self._on_evict(victim)
+        return True, evicted.value
+
+    def _evict_while(self, condition: Callable[[], bool]) -> None:
+        while condition():
+            evicted, _ = self._evict_one()
+            if not evicted:
+                return
 
     def _make_room(self, deadline: float, key: Hashable) -> Any:
-        """Evict unpinned LRU entries until the caller's pending build fits.
+        """Evict unpinned LRU entries until the caller's build fits, waiting while all are pinned.
 
         Returns:
             The first evicted value, for the factory to reuse, or None.
         """
         recycled = None
         while not self._fits():
-            victim = next((k for k, entry in self._entries.items() if entry.pins == 0), None)
-            if victim is None:
+            evicted, value = self._evict_one()
+            if not evicted:
                 self._wait(deadline, key)
                 continue
-            evicted = self._entries.pop(victim)
-            self.evictions += 1
-            logger.debug("evicted fused model %s (%d bytes)", victim, evicted.nbytes)
-            if self._on_evict is not None:
-                self._on_evict(victim)
             if recycled is None:
-                recycled = evicted.value
+                recycled = value
         return recycled
 
     def _wait(self, deadline: float, key: Hashable) -> None:
@@ -231,7 +255,7 @@ class FusedModelCache:
         if remaining <= 0 or not self._condition.wait(timeout=remaining):
             if time.monotonic() >= deadline:
                 raise CacheFullError(
-                    f"no room in the fused-model cache for {key} after {self.wait_timeout:.0f} s: "
-                    f"all {len(self._entries)} entries are in use"
+                    f"no room in the fused-model cache for {key} after {self.wait_timeout:g} s: "
+                    f"all {len(self._entries)} cached entries are in use"
                 )
 

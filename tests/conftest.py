@@ -55,7 +55,8 @@ class ServerProcess:
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_text()}")
 
     def log_text(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text()
 
     def stop(self, timeout: float = 30.0) -> int:

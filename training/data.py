@@ -39,6 +39,8 @@ def parse_transcript(transcript: str) -> list[tuple[str, str]]:
     Raises:
         ValueError: the transcript has no Human or Assistant turn.
     """
+    if not transcript.startswith("\n\n"):
+        transcript = "\n\n" + transcript
     pieces = _TURN_PATTERN.split(transcript)
     if len(pieces) < 3:
         raise ValueError(f"transcript has no Human/Assistant turns: {transcript[:80]!r}")
@@ -155,6 +157,11 @@ def render_prompt(pair: PreferencePair, tokenizer, max_prompt_tokens: int) -> st
 
         # One user turn longer than the budget: keep its end, where the request usually is.
         role, text = turns[0]
+        if not text:
+            raise ValueError(
+                f"max_prompt_tokens={max_prompt_tokens} is smaller than the chat template's own "
+                f"{token_count} tokens; raise it"
+            )
         text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         overflow = token_count - max_prompt_tokens
         turns = [(role, tokenizer.decode(text_ids[overflow + 1 :]))]
