@@ -29,9 +29,6 @@ from server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-PUBLIC_ROUTES = {"/healthz", "/readyz"}
-
-
 def _error(status: int, error_type: str, message: str, field: str | None = None, headers=None) -> JSONResponse:
     body = {"error": {"type": error_type, "message": message}}
     if field is not None:
@@ -56,7 +53,7 @@ def _describe_validation_error(item: dict) -> tuple[str, str]:
 
 
 class ServerState:
-    """What the routes share: settings, engine, metrics, admission and running jobs."""
+    """State shared by the routes: settings, engine, metrics, admission and running jobs."""
 
     def __init__(self, settings: Settings, engine: Engine, metrics: Metrics):
         self.settings = settings
@@ -348,11 +345,9 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
             )
 
         try:
-            text_parts = []
             async for item in job.events():
                 if isinstance(item, Finished):
                     return finish_response(state, known, item)
-                text_parts.append(item)
         except GenerationFailed as error:
             raise RequestError(500, "generation_failed", str(error)) from error
         finally:

@@ -28,7 +28,7 @@ class _Entry:
 class _Pending:
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
-    # True once room is reserved and the build runs; a miss still waiting for room holds none
+    # True once room is reserved and the build runs; a miss still waiting for room reserves none
     building: bool = False
 
 
@@ -75,7 +75,7 @@ class FusedModelCache:
         factory: ``factory(key, recycled) -> (value, nbytes)``; ``recycled`` is an evicted value
             or None.
         entry_nbytes: bytes one entry needs, reserved before its build starts.
-        max_entries: the most entries held, pinned or not.
+        max_entries: the maximum number of entries, pinned or not.
         max_bytes: the most bytes held by entries and builds in progress.
         wait_timeout: seconds to wait for room before :class:`CacheFullError`.
         on_evict: called with the key of each evicted entry.
@@ -210,7 +210,7 @@ class FusedModelCache:
         return sum(entry.nbytes for entry in self._entries.values())
 
     def _fits(self) -> bool:
-        """Whether entries, running builds and the caller's build fit both bounds."""
+        """Check whether entries, running builds and the caller's build fit both bounds."""
         building = sum(1 for pending in self._pending.values() if pending.building)
         count = len(self._entries) + building + 1
         reserved = (building + 1) * self._entry_nbytes
