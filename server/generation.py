@@ -40,15 +40,19 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
 
-    scores = logits.float() / params.temperature
+    # float64 and the max subtracted first: a tiny temperature such as 1e-300 then sends the
+    # other scores to -inf instead of overflowing to inf - inf = NaN
+    scores = logits.double()
+    scores = (scores - scores.max()) / params.temperature
     if 0 < params.top_k < scores.numel():
         threshold = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < threshold, float("-inf"))
     if params.top_p < 1.0:
         sorted_scores, order = torch.sort(scores, descending=True)
-        cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+        sorted_probabilities = torch.softmax(sorted_scores, dim=-1)
         # drop a token once the mass before it already reaches top_p; the first token always stays
-        drop = cumulative - torch.softmax(sorted_scores, dim=-1) >= params.top_p
+        drop = sorted_probabilities.cumsum(dim=-1) - sorted_probabilities >= params.top_p
+        drop[0] = False
         scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
     probabilities = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probabilities, 1, generator=generator))
