@@ -43,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_json)
     try:
         engine = Engine(settings)
-    except (BundleError, FileNotFoundError, ValueError) as error:
+    except (BundleError, OSError, ValueError) as error:
         logger.error("start-up failed: %s", error)
+        return 2
+    except Exception as error:
+        # an unexpected error, so the log gets its traceback too
+        logger.exception("start-up failed: %s: %s", type(error).__name__, error)
         return 2
 
     app = create_app(settings, engine)

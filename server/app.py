@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -24,10 +24,33 @@ from server.generation import Finished, SamplingParams
 from server.metrics import Metrics
 from server.middleware import RequestContextMiddleware
 from server.runner import GenerationFailed, GenerationJob
-from server.schemas import GenerateRequest, GenerateResponse, SamplingFields
+from server.schemas import ErrorResponse, GenerateRequest, GenerateResponse, SamplingFields
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+JSON_TYPE_NAMES = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+}
+# error statuses of /generate, so that the OpenAPI schema describes the real error body
+ERROR_RESPONSES = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "body is not valid UTF-8 JSON",
+        401: "missing or invalid bearer token",
+        413: "body or prompt too large",
+        415: "body is not JSON",
+        422: "invalid field",
+        500: "fusion or generation failed",
+        503: "overloaded or shutting down; see Retry-After",
+    }.items()
+}
+
 
 def _error(status: int, error_type: str, message: str, field: str | None = None, headers=None) -> JSONResponse:
     body = {"error": {"type": error_type, "message": message}}
@@ -45,6 +68,9 @@ def _describe_validation_error(item: dict) -> tuple[str, str]:
         return field, f"{field} is not a known field; remove it"
     if item.get("type") == "missing":
         return field, f"{field} is required"
+    if not location and item.get("type") in ("model_attributes_type", "model_type", "dict_type"):
+        got = JSON_TYPE_NAMES.get(type(item.get("input")), "null")
+        return field, f"request body must be a JSON object; got a JSON {got}"
     if location and "input" in item:
         shown = repr(item["input"])
         shown = shown if len(shown) <= 80 else shown[:77] + "..."
@@ -101,6 +127,15 @@ def check_api_key(settings: Settings, request: Request) -> None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.api_key.encode()):
         raise RequestError(401, "unauthorized", "missing or invalid bearer token in the Authorization header")
+
+
+def require_api_key(request: Request) -> None:
+    """Check the bearer token as a route dependency, which FastAPI runs before body validation.
+
+    So a client without the token gets a 401 whatever it sends, and never a 422 that describes
+    the request schema.
+    """
+    check_api_key(request.app.state.server.settings, request)
 
 
 def sampling_params(state: ServerState, fields: SamplingFields, prompt_tokens: int) -> SamplingParams:
@@ -323,14 +358,18 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
 
     # routes
 
-    @app.post("/generate", response_model=GenerateResponse)
+    @app.post(
+        "/generate",
+        response_model=GenerateResponse,
+        responses=ERROR_RESPONSES,
+        dependencies=[Depends(require_api_key)],
+    )
     async def generate(body: GenerateRequest, request: Request):
         """Generate from a prompt or chat messages with weights fused for a preference.
 
         With ``stream: true`` the response is Server-Sent Events: ``token`` events, then one
         ``done`` event with the same fields as the non-streaming response, or one ``error``.
         """
-        check_api_key(settings, request)
         messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
         coefficients = body.coefficients.model_dump() if body.coefficients is not None else None
         job, known = await start_generation(

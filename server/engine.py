@@ -73,10 +73,16 @@ class Engine:
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
 
-        # base model and bundle
-        self.base_source = resolve_base_model(settings.base_model, settings.cache_dir)
-        self.model, self.tokenizer = load_base_model(self.base_source, self.dtype, str(self.device))
+        # the bundle first: it reads much faster than the base model loads, so a broken one
+        # stops the start sooner
         self.bundle: Bundle = load_bundle(Path(settings.bundle))
+        self.base_source = resolve_base_model(settings.base_model, settings.cache_dir)
+        device = str(self.device)
+        try:
+            self.model, self.tokenizer = load_base_model(self.base_source, self.dtype, device)
+        except (OSError, ValueError) as error:
+            folder = self.base_source.path
+            raise ValueError(f"base model folder {folder}: loading failed: {error}") from error
         self.base_state = base_state(self.model)
         validate_against_base(self.bundle, self.base_state)
         self.preference_map = (
@@ -88,6 +94,12 @@ class Engine:
         # fusion and the cache
         self.fuser = Fuser(self.base_state, self.bundle.vectors, expand=settings.fusion_expand, device=self.device)
         self.entry_nbytes = sum(t.numel() * t.element_size() for t in self.fuser.allocate(self.dtype).values())
+        if self.entry_nbytes > settings.cache_max_bytes:
+            raise ValueError(
+                f"--cache-max-bytes / PEO_CACHE_MAX_BYTES is {settings.cache_max_bytes} bytes, "
+                f"smaller than one fused model ({self.entry_nbytes} bytes, "
+                f"{self.entry_nbytes / 2**20:.1f} MiB); allowed: at least {self.entry_nbytes} bytes"
+            )
         self.on_evict = None
         self.cache = FusedModelCache(
             self._build_entry,

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import uuid
 
 from server.metrics import Metrics
 
+logger = logging.getLogger(__name__)
+
 _REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._\-]{1,64}")
+
+
+def is_json_media_type(content_type: bytes) -> bool:
+    """Return whether a Content-Type header names JSON: ``application/json`` or ``*/*+json``."""
+    media_type = content_type.split(b";", 1)[0].strip().lower()
+    return media_type == b"application/json" or media_type.endswith(b"+json")
 
 
 def error_payload(error_type: str, message: str, field: str | None = None) -> bytes:
@@ -25,7 +34,9 @@ class RequestContextMiddleware:
 
     A client-supplied ``X-Request-ID`` is kept when it is 1–64 characters of ``[A-Za-z0-9._-]``;
     otherwise a new id is generated. Bodies are read up to ``max_body_bytes`` before the route
-    runs, so an oversized body gets a 413 whether or not it declares ``Content-Length``.
+    runs, so an oversized body gets a 413 whether or not it declares ``Content-Length``. A
+    non-empty body whose declared ``Content-Type`` is not JSON gets a 415; a body without the
+    header is parsed as JSON.
     Metrics use the matched route's path as the label, or ``other`` for unknown paths, so a
     client cannot create unbounded label values.
     """
@@ -77,6 +88,18 @@ class RequestContextMiddleware:
                 body = await self._read_body(receive)
                 if body is None:
                     await reject(413, "body_too_large", f"request body exceeds the limit of {self.max_body_bytes} bytes")
+                    return
+                content_type = headers.get(b"content-type")
+                if body and content_type is not None and not is_json_media_type(content_type):
+                    declared_type = content_type.decode("latin-1")[:80]
+                    logger.info(
+                        "request %s: Content-Type %r is not JSON", request_id, declared_type
+                    )
+                    await reject(
+                        415,
+                        "unsupported_media_type",
+                        f"Content-Type header is {declared_type!r}; allowed: application/json",
+                    )
                     return
                 receive = self._replay(body, receive)
             await self.app(scope, receive, send_with_context)

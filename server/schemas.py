@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_SEED = 2**63 - 1
 MAX_STOP_LENGTH = 256
@@ -16,7 +16,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=1_000_000)
+    content: str = Field(min_length=1, max_length=1_000_000)
 
 
 class Coefficients(BaseModel):
@@ -58,10 +58,17 @@ class GenerateRequest(SamplingFields):
             raise ValueError("set exactly one of 'prompt' and 'messages'")
         if self.preference is not None and self.coefficients is not None:
             raise ValueError("set at most one of 'preference' and 'coefficients'")
-        for index, stop in enumerate(self.stop):
-            if not stop or len(stop) > MAX_STOP_LENGTH:
-                raise ValueError(f"stop[{index}] must be a non-empty string of at most {MAX_STOP_LENGTH} characters")
         return self
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_lengths(cls, value: list[str]) -> list[str]:
+        for index, stop in enumerate(value):
+            if not stop or len(stop) > MAX_STOP_LENGTH:
+                raise ValueError(
+                    f"stop[{index}] has {len(stop)} characters; allowed: 1 to {MAX_STOP_LENGTH}"
+                )
+        return value
 
 
 class Usage(BaseModel):

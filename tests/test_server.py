@@ -173,6 +173,21 @@ INVALID_BODIES = [
     ("unknown_role", {"messages": [{"role": "wizard", "content": "y"}]}, 422, "messages.0.role"),
     ("empty_messages", {"messages": []}, 422, "messages"),
     ("too_many_stops", {"prompt": "x", "stop": ["a"] * 10_000}, 422, "stop"),
+    ("empty_stop", {"prompt": "x", "stop": [""]}, 422, "stop"),
+    ("overlong_stop", {"prompt": "x", "stop": ["a" * 257]}, 422, "stop"),
+    ("huge_coefficient", {"prompt": "x", "coefficients": {"helpfulness": 1e308, "harmlessness": 0}}, 422, "coefficients.helpfulness"),
+    ("overflowing_coefficient", b'{"prompt": "x", "coefficients": {"helpfulness": 0, "harmlessness": -1e400}}', 422, "coefficients.harmlessness"),
+    ("empty_message_content", {"messages": [{"role": "user", "content": ""}]}, 422, "messages.0.content"),
+    ("message_without_role", {"messages": [{"content": "y"}]}, 422, "messages.0.role"),
+    ("message_unknown_field", {"messages": [{"role": "user", "content": "y", "name": "z"}]}, 422, "messages.0.name"),
+    ("messages_wrong_type", {"messages": "hello"}, 422, "messages"),
+    ("prompt_wrong_type", {"prompt": 42}, 422, "prompt"),
+    ("stream_wrong_type", {"prompt": "x", "stream": "yes"}, 422, "stream"),
+    ("max_new_tokens_float", {"prompt": "x", "max_new_tokens": 2.5}, 422, "max_new_tokens"),
+    ("json_array_body", b'[{"prompt": "x"}]', 422, "body"),
+    ("json_string_body", b'"x"', 422, "body"),
+    ("bundle_field", {"prompt": "x", "bundle": "/etc"}, 422, "bundle"),
+    ("base_model_field", {"prompt": "x", "base_model": "/tmp/model"}, 422, "base_model"),
 ]
 
 
@@ -198,12 +213,14 @@ def test_generate_rejects_prompt_past_context(client):
     response = client.post("/generate", json={"prompt": prompt, "max_new_tokens": 1})
     assert response.status_code == 413
     assert "tokens" in response.json()["error"]["message"]
+    assert client.get("/readyz").status_code == 200
 
 
 def test_generate_rejects_invalid_utf8(client):
     response = client.post("/generate", content=b'{"prompt": "\xff\xfe"}', headers={"content-type": "application/json"})
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_json"
+    assert client.get("/readyz").status_code == 200
 
 
 def test_generate_rejects_oversized_body(client):
@@ -218,3 +235,51 @@ def test_unknown_route_is_json_404(client):
     response = client.get("/no-such-route")
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "not_found"
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+def test_generate_rejects_non_json_content_type(client, content_type):
+    response = client.post("/generate", content=b'{"prompt": "x"}', headers={"content-type": content_type})
+    assert response.status_code == 415, response.text
+    error = response.json()["error"]
+    assert error["type"] == "unsupported_media_type"
+    assert "Content-Type" in error["message"]
+    assert content_type in error["message"]
+    assert client.get("/readyz").status_code == 200
+
+
+def test_generate_rejects_json_array_clearly(client):
+    response = client.post("/generate", content=b"[1, 2]", headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["error"]["message"] == "request body must be a JSON object; got a JSON array"
+
+
+def test_generate_rejects_chunked_10mb_body(client):
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(10):
+            yield b"a" * 1024 * 1024
+        yield b'"}'
+
+    response = client.post("/generate", content=chunks(), headers={"content-type": "application/json"})
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413
+    assert response.json()["error"]["type"] == "body_too_large"
+    assert client.get("/readyz").status_code == 200
+
+
+def test_generate_rejects_declared_10mb_body(client):
+    body = b'{"prompt": "' + b"a" * (10 * 1024 * 1024) + b'"}'
+    response = client.post("/generate", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert "limit" in response.json()["error"]["message"]
+    assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.parametrize("field,value", [("temperature", 1e-300), ("top_p", 1e-300), ("temperature", 5.0)])
+def test_generate_extreme_sampling_values_succeed(client, field, value):
+    body = {"prompt": "Hello", "max_new_tokens": 2, "seed": 3, field: value}
+    response = client.post("/generate", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] >= 1
+
