@@ -419,6 +419,13 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         state.refresh_cache_gauges()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # imported here because both modules import from this one
+    from server.openai_api import register_openai_routes
+    from server.playground import register_playground_routes
+
+    register_openai_routes(app, state)
+    register_playground_routes(app)
+
     known_routes = {route.path for route in app.routes}
     app.add_middleware(
         RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, known_routes=known_routes
