@@ -194,7 +194,9 @@ async def start_generation(
 
     # validate
     preference, key = engine.resolve_coefficients(preference, coefficients)
-    prompt_ids = engine.encode_prompt(prompt, messages)
+    # on a worker thread: a prompt near the body limit takes about a second to tokenize, and
+    # the tokenizer releases the GIL, so other requests and streams go on meanwhile
+    prompt_ids = await anyio.to_thread.run_sync(engine.encode_prompt, prompt, messages)
     params = sampling_params(state, fields, len(prompt_ids))
 
     # admit

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 
 import httpx
@@ -283,3 +284,29 @@ def test_generate_extreme_sampling_values_succeed(client, field, value):
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] >= 1
 
+
+
+def test_huge_prompt_leaves_health_responsive(server, client):
+    body = {"prompt": "a" * 1_000_000, "max_new_tokens": 1}
+    outcome = {}
+
+    def send_huge_prompt() -> None:
+        started = time.monotonic()
+        with httpx.Client(base_url=server.url, timeout=120) as sender:
+            outcome["status"] = sender.post("/generate", json=body).status_code
+        outcome["seconds"] = time.monotonic() - started
+
+    sender = threading.Thread(target=send_huge_prompt)
+    sender.start()
+    latencies = []
+    while sender.is_alive():
+        started = time.monotonic()
+        client.get("/healthz")
+        latencies.append(time.monotonic() - started)
+        time.sleep(0.02)
+    sender.join()
+
+    assert outcome["status"] == 413
+    assert len(latencies) >= 3
+    # tokenizing on the event loop would hold /healthz for about the whole request
+    assert max(latencies) < outcome["seconds"] / 2, (latencies, outcome)
