@@ -83,9 +83,10 @@ class PeakSampler:
         self._thread.join()
 
 
-def request_body(rng: random.Random) -> dict:
+def request_body(index: int, rng: random.Random) -> dict:
     body = {"prompt": "Tell me about dogs.", "max_new_tokens": rng.randint(1, 4), "seed": 7}
-    body |= rng.choice(STEERING)
+    # in turn, so that consecutive requests use different keys and the cache keeps evicting
+    body |= STEERING[index % len(STEERING)]
     body["stream"] = rng.random() < 0.5
     if rng.random() < INVALID_FRACTION:
         body = {"prompt": "x", "preference": 1.5}
@@ -122,7 +123,7 @@ async def send_one(client: httpx.AsyncClient, body: dict, outcomes: Counter) -> 
 async def run_load(url: str) -> Counter:
     """Send up to TOTAL_REQUESTS requests from CLIENTS concurrent clients; count outcomes."""
     rng = random.Random(0)
-    bodies = [request_body(rng) for _ in range(TOTAL_REQUESTS)]
+    bodies = [request_body(index, rng) for index in range(TOTAL_REQUESTS)]
     outcomes: Counter = Counter()
     deadline = time.monotonic() + RUN_SECONDS
     limits = httpx.Limits(max_connections=CLIENTS)
