@@ -1,0 +1,39 @@
+"""Smoke runs of the quick benchmarks: each writes its JSON with the ratio keys as plain numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+EXPECTED_KEYS = {
+    "fusion": ["ratio_to_bound", "ratio_to_peft", "ratio_to_state_dict_loop", "fusion_s", "bound_s"],
+    "memory": ["cached_entry_bytes", "targeted_weight_bytes", "base_bytes", "total_ours_bytes"],
+    "serving": ["tokens_per_s_ratio", "ttft_ratio"],
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_KEYS))
+def test_quick_benchmark_writes_ratios(name, tmp_path):
+    env = os.environ | {"PEO_BENCH_RESULTS_DIR": str(tmp_path), "PEO_THREADS": "1"}
+    command = [sys.executable, "-m", f"benchmarks.{name}", "--quick"]
+    if name != "memory":
+        command += ["--threads", "1"]
+    completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+
+    result = json.loads((tmp_path / f"{name}.json").read_text())
+    assert result["machine"]["cpu_count"] >= 1
+    for key in EXPECTED_KEYS[name]:
+        assert isinstance(result[key], (int, float)), key
+        assert result[key] > 0, key
+    if name == "memory":
+        assert result["cached_entry_bytes"] <= result["targeted_weight_bytes"]
+        assert result["targeted_weight_bytes"] < result["full_model_copy_bytes"]
+
