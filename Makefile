@@ -11,7 +11,7 @@ export PEO_HOST PEO_PORT
 VENV_PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install serve test lint bench bench-quick evaluate clean
+.PHONY: install serve test lint bench bench-quick evaluate container-smoke clean
 
 $(VENV_PYTHON):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: $(INSTALLED)
 
 evaluate: $(INSTALLED)
 	$(VENV_PYTHON) -m training.evaluate --bundle checkpoints/smollm2-hh --output docs/preference_accuracy.md
+
+# Build the image with podman, run it on 127.0.0.1 and send one request (root; see docs/deploy.md).
+container-smoke:
+	./scripts/container_smoke.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache
