@@ -36,7 +36,19 @@ lint: $(INSTALLED)
 	$(VENV_PYTHON) -m ruff format --check server peo_merge training tests benchmarks
 
 evaluate: $(INSTALLED)
-	$(VENV_PYTHON) -m training.evaluate --bundle checkpoints/smollm2-hh --output docs/preference_accuracy.md
+	$(VENV_PYTHON) -m training.evaluate --bundle checkpoints/smollm2-hh \
+		--output docs/preference_accuracy.md --max-pairs 200
+
+# Benchmarks write benchmarks/results/NAME.json; see docs/benchmarks.md.
+bench: $(INSTALLED)
+	$(VENV_PYTHON) -m benchmarks.fusion
+	$(VENV_PYTHON) -m benchmarks.memory
+	$(VENV_PYTHON) -m benchmarks.serving
+
+bench-quick: $(INSTALLED)
+	$(VENV_PYTHON) -m benchmarks.fusion --quick
+	$(VENV_PYTHON) -m benchmarks.memory --quick
+	$(VENV_PYTHON) -m benchmarks.serving --quick
 
 # Build the image with podman, run it on 127.0.0.1 and send one request (root; see docs/deploy.md).
 container-smoke:
