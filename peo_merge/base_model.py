@@ -130,6 +130,10 @@ def convert_gguf(gguf_path: Path, target: Path, expected_sha256: str | None) -> 
         source = BaseModelSource(target, f"gguf:{GGUF_PACKAGE}", gguf_path.name, digest)
         record = source.identity() | {"path": None}
         (staging / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        # mkdtemp creates the folder owner-only; other users (a container's non-root user) read it
+        staging.chmod(0o755)
+        for file in staging.iterdir():
+            file.chmod(0o644)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

@@ -87,6 +87,7 @@ def save_task_vector(vector: TaskVector, path: Path, dtype: torch.dtype | None =
     metadata = {"name": vector.name, "kind": vector.kind, "scaling": repr(float(vector.scaling))}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
+    Path(path).chmod(0o644)
 
 
 def load_task_vector(path: Path, name: str, kind: str, scaling: float) -> TaskVector:
