@@ -5,6 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextvars import ContextVar
+
+# The id of the request being handled; the request middleware sets it, and it is visible to
+# every log call made while that request's task runs (uvicorn's access log included).
+current_request_id: ContextVar[str | None] = ContextVar("current_request_id", default=None)
+
+
+class RequestIdFilter(logging.Filter):
+    """Attach the current request id to each record that does not carry one already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = current_request_id.get()
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -28,6 +42,7 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(level: str, json_lines: bool) -> None:
     """Configure the root logger and uvicorn's loggers to one format and level."""
     handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
     if json_lines:
         handler.setFormatter(JsonFormatter())
     else:

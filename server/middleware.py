@@ -8,6 +8,7 @@ import re
 import time
 import uuid
 
+from server.logs import current_request_id
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class RequestContextMiddleware:
         supplied = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = supplied if _REQUEST_ID_PATTERN.fullmatch(supplied) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        current_request_id.set(request_id)
         scope["state"]["arrived"] = started
         route = scope["path"] if scope["path"] in self.known_routes else "other"
         status_holder = {"status": 500}

@@ -1,7 +1,8 @@
-"""SIGTERM handling of a real server process: streams end with a reason and the exit code is 0."""
+"""Process-level behaviour of a real server: SIGTERM handling and structured logs."""
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 
@@ -41,3 +42,27 @@ def test_sigterm_ends_stream_with_done_and_exits_zero():
     assert events[-1][1]["finish_reason"] == "shutdown"
     assert exit_code == 0
     assert "shutdown requested" in server.log_text()
+
+
+def test_json_logs_carry_request_id():
+    server = ServerProcess("--log-json")
+    try:
+        response = httpx.post(
+            server.url + "/generate",
+            json={"prompt": "Hi", "max_new_tokens": 1},
+            headers={"X-Request-ID": "trace-42"},
+            timeout=120,
+        )
+        assert response.status_code == 200
+        assert response.headers["x-request-id"] == "trace-42"
+    finally:
+        server.stop()
+
+    entries = []
+    for line in server.log_text().splitlines():
+        if line.startswith("{"):
+            entries.append(json.loads(line))
+    tagged = [entry for entry in entries if entry.get("request_id") == "trace-42"]
+    assert entries
+    assert all({"time", "level", "logger", "message"} <= set(entry) for entry in entries)
+    assert any("POST /generate" in entry["message"] for entry in tagged)
