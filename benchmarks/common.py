@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 # PEO_BENCH_RESULTS_DIR redirects results, so that smoke runs in tests leave the recorded ones alone
-RESULTS_DIR = Path(os.environ.get("PEO_BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
+RESULTS_DIR = Path(
+    os.environ.get("PEO_BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "results"
+)
 
 
 def time_call(function: Callable[[], object], repeats: int, warmup: int = 1) -> dict:

@@ -42,7 +42,9 @@ def measure_matmul_rate(fuser: Fuser, repeats: int) -> tuple[float, float]:
     """Return ``(flops, flops_per_second)`` of the ``B_cat · A_cat`` products of every target."""
     plans = [plan for plan in fuser.plans.values() if plan.a_cat is not None]
     outputs = [torch.empty(plan.b_cat.shape[0], plan.a_cat.shape[1]) for plan in plans]
-    flops = sum(2 * plan.b_cat.shape[0] * plan.b_cat.shape[1] * plan.a_cat.shape[1] for plan in plans)
+    flops = sum(
+        2 * plan.b_cat.shape[0] * plan.b_cat.shape[1] * plan.a_cat.shape[1] for plan in plans
+    )
 
     def run() -> None:
         for plan, out in zip(plans, outputs, strict=True):
@@ -60,7 +62,9 @@ def build_peft_model(model, bundle):
     for name, vector in bundle.vectors.items():
         entry = bundle.manifest.vectors[name]
         config = LoraConfig(
-            r=vector.rank, lora_alpha=vector.rank * vector.scaling, target_modules=list(entry.target_modules)
+            r=vector.rank,
+            lora_alpha=vector.rank * vector.scaling,
+            target_modules=list(entry.target_modules),
         )
         if peft_model is None:
             peft_model = get_peft_model(copy.deepcopy(model), config, adapter_name=name)
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     for mode in ("lowrank", "dense"):
         fuser = Fuser(state, bundle.vectors, expand=mode)
         buffers = fuser.allocate()
-        timing = time_call(lambda: fuser.fuse_into(buffers, coefficients), repeats)
+        timing = time_call(lambda f=fuser, b=buffers: f.fuse_into(b, coefficients), repeats)
         target_bytes = sum(t.numel() * t.element_size() for t in buffers.values())
 
         bandwidth = measure_copy_bandwidth(target_bytes, repeats)
@@ -137,7 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
             "targeted_weight_bytes": target_bytes,
             "resident_vector_bytes": fuser.nbytes(),
         }
-        print(f"{mode}: fusion {timing['median_s'] * 1e3:.1f} ms, bound {bound * 1e3:.1f} ms", file=sys.stderr)
+        print(
+            f"{mode}: fusion {timing['median_s'] * 1e3:.1f} ms, bound {bound * 1e3:.1f} ms",
+            file=sys.stderr,
+        )
 
     # peers: the same merge done by PEFT and by a state-dict loop
     reference = figures["lowrank"]

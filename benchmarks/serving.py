@@ -50,7 +50,17 @@ def free_port() -> int:
 
 def start_server(port: int, threads: int, bundle: str) -> subprocess.Popen:
     """Start ``python -m server`` on 127.0.0.1 and wait until ``/readyz`` answers 200."""
-    command = [sys.executable, "-m", "server", "--port", str(port), "--threads", str(threads), "--bundle", bundle]
+    command = [
+        sys.executable,
+        "-m",
+        "server",
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--bundle",
+        bundle,
+    ]
     log = open(RESULTS_LOG, "w")
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
@@ -99,7 +109,10 @@ def generate_once(model, tokenizer, prompt: str, new_tokens: int) -> tuple[float
     import threading
 
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
     kwargs = dict(
@@ -125,14 +138,20 @@ def generate_once(model, tokenizer, prompt: str, new_tokens: int) -> tuple[float
 def summarize(samples: list[tuple[float, float, int]]) -> dict:
     ttft = [s[0] for s in samples]
     rates = [(s[2] - 1) / s[1] for s in samples if s[1] > 0]
-    return {"ttft_s": statistics.median(ttft), "tokens_per_s": statistics.median(rates), "runs": len(samples)}
+    return {
+        "ttft_s": statistics.median(ttft),
+        "tokens_per_s": statistics.median(rates),
+        "runs": len(samples),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer and shorter runs")
     parser.add_argument("--bundle", default=os.environ.get("PEO_BUNDLE", str(DEFAULT_BUNDLE)))
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on both sides")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="torch threads on both sides"
+    )
     args = parser.parse_args(argv)
     new_tokens = 16 if args.quick else 64
     rounds = 1 if args.quick else 3
@@ -154,7 +173,11 @@ def main(argv: list[str] | None = None) -> dict:
     server = start_server(port, args.threads, args.bundle)
     url = f"http://127.0.0.1:{port}"
     try:
-        httpx.post(url + "/generate", json={"prompt": "warm up", "preference": 0.5, "max_new_tokens": 2}, timeout=300)
+        httpx.post(
+            url + "/generate",
+            json={"prompt": "warm up", "preference": 0.5, "max_new_tokens": 2},
+            timeout=300,
+        )
         remote = [stream_once(url, p, new_tokens) for _ in range(rounds) for p in PROMPTS]
     finally:
         server.terminate()
@@ -171,7 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     command = "python -m benchmarks.serving " + " ".join(argv if argv is not None else sys.argv[1:])
     path = write_result("serving", figures, command.strip())
-    print(json.dumps({k: figures[k] for k in ("tokens_per_s_ratio", "ttft_ratio")}), file=sys.stderr)
+    print(
+        json.dumps({k: figures[k] for k in ("tokens_per_s_ratio", "ttft_ratio")}), file=sys.stderr
+    )
     print(f"wrote {path}", file=sys.stderr)
     return figures
 

@@ -171,7 +171,9 @@ def resolve_base_model(base_model: str | None, cache_dir: Path | None = None) ->
     return convert_gguf(gguf_path, target, GGUF_SHA256)
 
 
-def load_base_model(source: BaseModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_base_model(
+    source: BaseModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu"
+):
     """Load the tokenizer and causal LM of a resolved base model, in eval mode.
 
     Returns:

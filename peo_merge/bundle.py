@@ -65,7 +65,9 @@ class CoefficientBounds(BaseModel):
     @model_validator(mode="after")
     def _ordered_and_finite(self) -> CoefficientBounds:
         if not (math.isfinite(self.min) and math.isfinite(self.max)) or self.min >= self.max:
-            raise ValueError(f"coefficient bounds must be finite with min < max, got [{self.min}, {self.max}]")
+            raise ValueError(
+                f"coefficient bounds must be finite with min < max, got [{self.min}, {self.max}]"
+            )
         return self
 
 
@@ -88,7 +90,9 @@ class Manifest(BaseModel):
     @classmethod
     def _known_version(cls, value: int) -> int:
         if value != FORMAT_VERSION:
-            raise ValueError(f"unknown format_version {value}; this server reads version {FORMAT_VERSION}")
+            raise ValueError(
+                f"unknown format_version {value}; this server reads version {FORMAT_VERSION}"
+            )
         return value
 
     @model_validator(mode="after")
@@ -107,7 +111,13 @@ class Manifest(BaseModel):
 class Bundle:
     """A loaded bundle: its folder, manifest, task vectors and optional preference map."""
 
-    def __init__(self, path: Path, manifest: Manifest, vectors: dict[str, TaskVector], preference_map: dict | None):
+    def __init__(
+        self,
+        path: Path,
+        manifest: Manifest,
+        vectors: dict[str, TaskVector],
+        preference_map: dict | None,
+    ):
         self.path = path
         self.manifest = manifest
         self.vectors = vectors
@@ -144,7 +154,8 @@ def read_manifest(path: Path) -> Manifest:
         return Manifest.model_validate(raw)
     except ValidationError as error:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in item['loc']) or 'manifest'}: {item['msg']}" for item in error.errors()
+            f"{'.'.join(str(p) for p in item['loc']) or 'manifest'}: {item['msg']}"
+            for item in error.errors()
         )
         raise BundleError(f"{manifest_path}: {problems}") from error
 
@@ -166,7 +177,9 @@ def load_bundle(path: Path) -> Bundle:
         if not file.is_file():
             raise BundleError(f"{file}: task vector {name!r} file not found")
         if entry.sha256 is not None and sha256_file(file) != entry.sha256:
-            raise BundleError(f"{file}: sha256 does not match the manifest; the file is truncated or replaced")
+            raise BundleError(
+                f"{file}: sha256 does not match the manifest; the file is truncated or replaced"
+            )
         try:
             vector = load_task_vector(file, name, entry.kind, entry.scaling)
         except ValueError as error:
@@ -181,7 +194,9 @@ def load_bundle(path: Path) -> Bundle:
                     f"which is not in the manifest's target_modules {sorted(declared_modules)}"
                 )
         if entry.kind == "lowrank" and entry.rank is not None and vector.rank != entry.rank:
-            raise BundleError(f"{file}: factors have rank {vector.rank}, the manifest says {entry.rank}")
+            raise BundleError(
+                f"{file}: factors have rank {vector.rank}, the manifest says {entry.rank}"
+            )
         vectors[name] = vector
 
     preference_map = None

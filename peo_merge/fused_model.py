@@ -38,6 +38,8 @@ def build_fused_model(base_model: nn.Module, fused: dict[str, torch.Tensor]) -> 
         current = module._parameters.get(attribute)
         if current is None or tuple(current.shape) != tuple(tensor.shape):
             shape = None if current is None else tuple(current.shape)
-            raise ValueError(f"cannot place fused tensor {name} of shape {tuple(tensor.shape)}: base has {shape}")
+            raise ValueError(
+                f"cannot place fused tensor {name} of shape {tuple(tensor.shape)}: base has {shape}"
+            )
         module._parameters[attribute] = nn.Parameter(tensor, requires_grad=False)
     return model

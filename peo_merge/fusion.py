@@ -116,13 +116,18 @@ class Fuser:
             for target, plan in self.plans.items():
                 self._fuse_target(plan, buffers[target], coefficients)
 
-    def _fuse_target(self, plan: _TargetPlan, out: torch.Tensor, coefficients: dict[str, float]) -> None:
+    def _fuse_target(
+        self, plan: _TargetPlan, out: torch.Tensor, coefficients: dict[str, float]
+    ) -> None:
         accumulate_in_place = out.dtype == torch.float32
         acc = out if accumulate_in_place else torch.empty_like(out, dtype=torch.float32)
 
         # low-rank part: one addmm over the concatenated factors
         if plan.a_cat is not None:
-            weights = [coefficients.get(name, 0.0) * s for name, s in zip(plan.names, plan.scalings, strict=True)]
+            weights = [
+                coefficients.get(name, 0.0) * s
+                for name, s in zip(plan.names, plan.scalings, strict=True)
+            ]
             row_scale = torch.repeat_interleave(
                 torch.tensor(weights, dtype=torch.float32, device=plan.a_cat.device),
                 torch.tensor(plan.ranks, device=plan.a_cat.device),
@@ -143,7 +148,9 @@ class Fuser:
 
 
 def fuse_reference(
-    base_state: dict[str, torch.Tensor], vectors: dict[str, TaskVector], coefficients: dict[str, float]
+    base_state: dict[str, torch.Tensor],
+    vectors: dict[str, TaskVector],
+    coefficients: dict[str, float],
 ) -> dict[str, torch.Tensor]:
     """Return the fused targeted weights computed in float64, for checking :class:`Fuser`."""
     targets = sorted({target for vector in vectors.values() for target in vector.targets})

@@ -38,7 +38,7 @@ class PreferenceMap:
                 raise ValueError(f"preference map point {point} has a non-finite value")
         if points[0].preference != 0.0 or points[-1].preference != 1.0:
             raise ValueError("a preference map must start at w = 0 and end at w = 1")
-        for left, right in zip(points, points[1:]):
+        for left, right in zip(points, points[1:], strict=False):
             if right.preference == left.preference:
                 raise ValueError(f"preference map has two points at w = {left.preference}")
             if right.helpfulness < left.helpfulness or right.harmlessness > left.harmlessness:
@@ -69,7 +69,11 @@ class PreferenceMap:
         return {
             "source": self.source,
             "points": [
-                {"preference": p.preference, "helpfulness": p.helpfulness, "harmlessness": p.harmlessness}
+                {
+                    "preference": p.preference,
+                    "helpfulness": p.helpfulness,
+                    "harmlessness": p.harmlessness,
+                }
                 for p in self.points
             ],
         }

@@ -122,7 +122,9 @@ def load_task_vector(path: Path, name: str, kind: str, scaling: float) -> TaskVe
         if key.endswith(LORA_B_SUFFIX):
             continue
         if not key.endswith(LORA_A_SUFFIX):
-            raise ValueError(f"{path}: tensor {key} is neither a {LORA_A_SUFFIX} nor a {LORA_B_SUFFIX} factor")
+            raise ValueError(
+                f"{path}: tensor {key} is neither a {LORA_A_SUFFIX} nor a {LORA_B_SUFFIX} factor"
+            )
         target = key[: -len(LORA_A_SUFFIX)]
         partner = target + LORA_B_SUFFIX
         if partner not in tensors:
@@ -139,7 +141,9 @@ def load_task_vector(path: Path, name: str, kind: str, scaling: float) -> TaskVe
         rank = lora_a.shape[0]
         factors[target] = (lora_a, lora_b)
 
-    orphans = [k for k in tensors if k.endswith(LORA_B_SUFFIX) and k[: -len(LORA_B_SUFFIX)] not in factors]
+    orphans = [
+        k for k in tensors if k.endswith(LORA_B_SUFFIX) and k[: -len(LORA_B_SUFFIX)] not in factors
+    ]
     if orphans:
         raise ValueError(f"{path}: tensor {orphans[0]} has no matching {LORA_A_SUFFIX} factor")
     return TaskVector(name, "lowrank", float(scaling), factors=factors)
@@ -167,5 +171,7 @@ def task_vector_from_peft(model, name: str, adapter: str = "default") -> TaskVec
     if not factors:
         raise ValueError(f"model has no LoRA layers for adapter {adapter!r}")
     if len(scalings) != 1:
-        raise ValueError(f"adapter {adapter!r} uses several scalings {sorted(scalings)}; expected one")
+        raise ValueError(
+            f"adapter {adapter!r} uses several scalings {sorted(scalings)}; expected one"
+        )
     return TaskVector(name, "lowrank", scalings.pop(), factors=factors)

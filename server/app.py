@@ -52,7 +52,9 @@ ERROR_RESPONSES = {
 }
 
 
-def _error(status: int, error_type: str, message: str, field: str | None = None, headers=None) -> JSONResponse:
+def _error(
+    status: int, error_type: str, message: str, field: str | None = None, headers=None
+) -> JSONResponse:
     body = {"error": {"type": error_type, "message": message}}
     if field is not None:
         body["error"]["field"] = field
@@ -86,7 +88,9 @@ class ServerState:
         self.engine = engine
         self.metrics = metrics
         self.admission: Admission | None = None
-        self.executor = ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix="generate")
+        self.executor = ThreadPoolExecutor(
+            max_workers=settings.max_concurrency, thread_name_prefix="generate"
+        )
         self.jobs: set[GenerationJob] = set()
         metrics.task_vector_bytes.set(engine.bundle.nbytes())
         engine.on_evict = lambda key: metrics.cache_evictions.inc()
@@ -125,8 +129,12 @@ def check_api_key(settings: Settings, request: Request) -> None:
         return
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.api_key.encode()):
-        raise RequestError(401, "unauthorized", "missing or invalid bearer token in the Authorization header")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.encode(), settings.api_key.encode()
+    ):
+        raise RequestError(
+            401, "unauthorized", "missing or invalid bearer token in the Authorization header"
+        )
 
 
 def require_api_key(request: Request) -> None:
@@ -138,13 +146,19 @@ def require_api_key(request: Request) -> None:
     check_api_key(request.app.state.server.settings, request)
 
 
-def sampling_params(state: ServerState, fields: SamplingFields, prompt_tokens: int) -> SamplingParams:
+def sampling_params(
+    state: ServerState, fields: SamplingFields, prompt_tokens: int
+) -> SamplingParams:
     """Check request limits that depend on settings and return the sampling parameters.
 
     ``max_new_tokens`` is cut to the room left in the context after the prompt.
     """
     settings = state.settings
-    requested = fields.max_new_tokens if fields.max_new_tokens is not None else settings.default_max_new_tokens
+    requested = (
+        fields.max_new_tokens
+        if fields.max_new_tokens is not None
+        else settings.default_max_new_tokens
+    )
     if requested > settings.max_new_tokens:
         raise RequestError(
             422,
@@ -221,7 +235,9 @@ async def start_generation(
     except Exception as error:
         state.admission.release()
         logger.exception("fusion failed for request %s, coefficients %s", request_id, key)
-        raise RequestError(500, "fusion_failed", f"fusion of coefficients {key} failed: {error}") from error
+        raise RequestError(
+            500, "fusion_failed", f"fusion of coefficients {key} failed: {error}"
+        ) from error
 
     if lease.hit:
         state.metrics.cache_hits.inc()
@@ -267,7 +283,10 @@ def finish_response(state: ServerState, known: dict, finished: Finished) -> dict
         finish_reason=finished.finish_reason,
         preference=known["preference"],
         coefficients=known["coefficients"],
-        usage={"prompt_tokens": known["prompt_tokens"], "completion_tokens": finished.completion_tokens},
+        usage={
+            "prompt_tokens": known["prompt_tokens"],
+            "completion_tokens": finished.completion_tokens,
+        },
         timings={
             "queue": round(known["queue_seconds"], 6),
             "fusion": round(known["fusion_seconds"], 6),
@@ -349,9 +368,18 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     async def handle_http_error(request: Request, error: StarletteHTTPException):
         if error.status_code == 400:
             # FastAPI raises a bare 400 when the body cannot be decoded before validation runs
-            return _error(400, "invalid_json", f"request body is not valid UTF-8 JSON: {error.detail}")
-        error_type = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return _error(error.status_code, error_type, str(error.detail), headers=getattr(error, "headers", None))
+            return _error(
+                400, "invalid_json", f"request body is not valid UTF-8 JSON: {error.detail}"
+            )
+        error_type = {404: "not_found", 405: "method_not_allowed"}.get(
+            error.status_code, "http_error"
+        )
+        return _error(
+            error.status_code,
+            error_type,
+            str(error.detail),
+            headers=getattr(error, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def handle_unexpected(request: Request, error: Exception):
@@ -403,8 +431,17 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     async def readyz():
         """Report whether the model and vectors are loaded and new requests are accepted."""
         if state.admission is None or state.admission.draining:
-            return _error(503, "not_ready", "server is starting or shutting down", headers={"Retry-After": "1"})
-        return {"status": "ready", "in_flight": state.admission.running, "queued": state.admission.waiting}
+            return _error(
+                503,
+                "not_ready",
+                "server is starting or shutting down",
+                headers={"Retry-After": "1"},
+            )
+        return {
+            "status": "ready",
+            "in_flight": state.admission.running,
+            "queued": state.admission.waiting,
+        }
 
     @app.get("/info")
     async def info(request: Request):
@@ -430,11 +467,19 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
 
     known_routes = {route.path for route in app.routes}
     app.add_middleware(
-        RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, known_routes=known_routes
+        RequestContextMiddleware,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        known_routes=known_routes,
     )
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"], allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+        )
     return app

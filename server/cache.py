@@ -186,7 +186,12 @@ class FusedModelCache:
             pending.done.set()
             del self._pending[key]
             if nbytes > self._entry_nbytes:
-                logger.warning("fused model %s has %d bytes, more than the %d reserved", key, nbytes, self._entry_nbytes)
+                logger.warning(
+                    "fused model %s has %d bytes, more than the %d reserved",
+                    key,
+                    nbytes,
+                    self._entry_nbytes,
+                )
                 self._evict_while(lambda: self._used_bytes() > self.max_bytes)
             self._condition.notify_all()
         return Lease(key, value, False, time.perf_counter() - started, self)
@@ -258,4 +263,3 @@ class FusedModelCache:
                     f"no room in the fused-model cache for {key} after {self.wait_timeout:g} s: "
                     f"all {len(self._entries)} cached entries are in use"
                 )
-

@@ -92,8 +92,12 @@ class Engine:
         )
 
         # fusion and the cache
-        self.fuser = Fuser(self.base_state, self.bundle.vectors, expand=settings.fusion_expand, device=self.device)
-        self.entry_nbytes = sum(t.numel() * t.element_size() for t in self.fuser.allocate(self.dtype).values())
+        self.fuser = Fuser(
+            self.base_state, self.bundle.vectors, expand=settings.fusion_expand, device=self.device
+        )
+        self.entry_nbytes = sum(
+            t.numel() * t.element_size() for t in self.fuser.allocate(self.dtype).values()
+        )
         if self.entry_nbytes > settings.cache_max_bytes:
             raise ValueError(
                 f"--cache-max-bytes / PEO_CACHE_MAX_BYTES is {settings.cache_max_bytes} bytes, "
@@ -134,7 +138,10 @@ class Engine:
 
     def _eos_token_ids(self) -> set[int]:
         ids = set()
-        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+        for source in (
+            self.tokenizer.eos_token_id,
+            getattr(self.model.generation_config, "eos_token_id", None),
+        ):
             if isinstance(source, int):
                 ids.add(source)
             elif isinstance(source, list):
@@ -177,7 +184,9 @@ class Engine:
 
     # the fused-model cache
 
-    def _build_entry(self, key: tuple[float, float], recycled: FusedEntry | None) -> tuple[FusedEntry, int]:
+    def _build_entry(
+        self, key: tuple[float, float], recycled: FusedEntry | None
+    ) -> tuple[FusedEntry, int]:
         started = time.perf_counter()
         buffers = recycled.buffers if recycled is not None else self.fuser.allocate(self.dtype)
         self.fuser.fuse_into(buffers, self.bundle.vector_coefficients(*key))
@@ -185,7 +194,9 @@ class Engine:
         elapsed = time.perf_counter() - started
         self.last_fusion_seconds = elapsed
         self.fusion_seconds_total += elapsed
-        logger.debug("fused %s in %.3f s (recycled buffers: %s)", key, elapsed, recycled is not None)
+        logger.debug(
+            "fused %s in %.3f s (recycled buffers: %s)", key, elapsed, recycled is not None
+        )
         return FusedEntry(model, buffers, key), self.entry_nbytes
 
     def acquire(self, key: tuple[float, float]) -> Lease:
@@ -201,7 +212,9 @@ class Engine:
             RequestError: the prompt leaves no room to generate within the context (413).
         """
         if messages is not None:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True
+            )
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             ids = list(ids)
@@ -211,7 +224,9 @@ class Engine:
             field = "prompt"
 
         if not ids:
-            raise RequestError(422, "invalid_request", f"{field} is empty after tokenization", field)
+            raise RequestError(
+                422, "invalid_request", f"{field} is empty after tokenization", field
+            )
         if len(ids) >= self.max_model_len:
             raise RequestError(
                 413,
@@ -226,7 +241,8 @@ class Engine:
         """Return the description served by ``/info``."""
         manifest = self.bundle.manifest
         return {
-            "base_model": self.base_source.identity() | {"dtype": str(self.dtype).removeprefix("torch.")},
+            "base_model": self.base_source.identity()
+            | {"dtype": str(self.dtype).removeprefix("torch.")},
             "device": str(self.device),
             "bundle": {
                 "path": str(self.bundle.path),
@@ -244,7 +260,10 @@ class Engine:
                 },
                 "offset": manifest.offset,
             },
-            "coefficient_bounds": {"min": manifest.coefficient_bounds.min, "max": manifest.coefficient_bounds.max},
+            "coefficient_bounds": {
+                "min": manifest.coefficient_bounds.min,
+                "max": manifest.coefficient_bounds.max,
+            },
             "coefficient_step": self.settings.coefficient_step,
             "default_preference": manifest.default_preference,
             "preference_map": self.preference_map.to_json(),

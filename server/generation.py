@@ -35,7 +35,9 @@ class Finished:
     token_ids: list[int] = field(default_factory=list)
 
 
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+def sample_token(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> int:
     """Pick the next token from one row of logits: greedy at temperature 0, else top-k / top-p sampling."""
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
@@ -75,7 +77,9 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append a token and return the text it completes (possibly empty)."""
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        prefix = self.tokenizer.decode(
+            self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True
+        )
         current = self.tokenizer.decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
         if len(current) <= len(prefix) or current.endswith("\ufffd"):
             return ""
@@ -121,14 +125,18 @@ def generate(
     with torch.inference_mode():
         past = DynamicCache()
         inputs = torch.tensor([prompt_ids], device=device)
-        logits = model(input_ids=inputs, past_key_values=past, use_cache=True, logits_to_keep=1).logits[0, -1]
+        logits = model(
+            input_ids=inputs, past_key_values=past, use_cache=True, logits_to_keep=1
+        ).logits[0, -1]
 
         for _ in range(params.max_new_tokens):
             if cancel.is_set():
                 finish_reason = "cancelled"
                 break
 
-            token = sample_token(logits.cpu() if generator is not None else logits, params, generator)
+            token = sample_token(
+                logits.cpu() if generator is not None else logits, params, generator
+            )
             if first_token_at is None:
                 first_token_at = time.perf_counter() - started
             if token in eos_token_ids and not params.ignore_eos:

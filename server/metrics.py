@@ -14,7 +14,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         registry = self.registry
         self.requests = Counter(
-            "peo_requests", "HTTP requests by route and status code", ["route", "status"], registry=registry
+            "peo_requests",
+            "HTTP requests by route and status code",
+            ["route", "status"],
+            registry=registry,
         )
         self.request_duration = Histogram(
             "peo_request_duration_seconds",
@@ -29,8 +32,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.generated_tokens = Counter("peo_generated_tokens", "Tokens generated", registry=registry)
-        self.prompt_tokens = Counter("peo_prompt_tokens", "Prompt tokens processed", registry=registry)
+        self.generated_tokens = Counter(
+            "peo_generated_tokens", "Tokens generated", registry=registry
+        )
+        self.prompt_tokens = Counter(
+            "peo_prompt_tokens", "Prompt tokens processed", registry=registry
+        )
         self.generations_finished = Counter(
             "peo_generations_finished",
             "Finished generations by finish reason (stop, length, cancelled, shutdown, error)",
@@ -38,13 +45,34 @@ class Metrics:
             registry=registry,
         )
         self.fusion_duration = Histogram(
-            "peo_fusion_duration_seconds", "Time to fuse one coefficient pair", buckets=LATENCY_BUCKETS, registry=registry
+            "peo_fusion_duration_seconds",
+            "Time to fuse one coefficient pair",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
-        self.cache_hits = Counter("peo_fused_cache_hits", "Fused-model cache hits", registry=registry)
-        self.cache_misses = Counter("peo_fused_cache_misses", "Fused-model cache misses", registry=registry)
-        self.cache_evictions = Counter("peo_fused_cache_evictions", "Fused models evicted", registry=registry)
-        self.cache_entries = Gauge("peo_fused_cache_entries", "Fused models in the cache", registry=registry)
-        self.cache_bytes = Gauge("peo_fused_cache_bytes", "Bytes held by cached fused weights", registry=registry)
-        self.task_vector_bytes = Gauge("peo_task_vector_bytes", "Bytes held by loaded task vectors", registry=registry)
-        self.in_flight = Gauge("peo_requests_in_flight", "Generation requests admitted and not finished", registry=registry)
-        self.queued = Gauge("peo_requests_queued", "Generation requests waiting for a slot", registry=registry)
+        self.cache_hits = Counter(
+            "peo_fused_cache_hits", "Fused-model cache hits", registry=registry
+        )
+        self.cache_misses = Counter(
+            "peo_fused_cache_misses", "Fused-model cache misses", registry=registry
+        )
+        self.cache_evictions = Counter(
+            "peo_fused_cache_evictions", "Fused models evicted", registry=registry
+        )
+        self.cache_entries = Gauge(
+            "peo_fused_cache_entries", "Fused models in the cache", registry=registry
+        )
+        self.cache_bytes = Gauge(
+            "peo_fused_cache_bytes", "Bytes held by cached fused weights", registry=registry
+        )
+        self.task_vector_bytes = Gauge(
+            "peo_task_vector_bytes", "Bytes held by loaded task vectors", registry=registry
+        )
+        self.in_flight = Gauge(
+            "peo_requests_in_flight",
+            "Generation requests admitted and not finished",
+            registry=registry,
+        )
+        self.queued = Gauge(
+            "peo_requests_queued", "Generation requests waiting for a slot", registry=registry
+        )

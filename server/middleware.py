@@ -67,7 +67,9 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+                message["headers"] = list(message["headers"]) + [
+                    (b"x-request-id", request_id.encode())
+                ]
             await send(message)
 
         async def reject(status: int, error_type: str, text: str) -> None:
@@ -76,7 +78,10 @@ class RequestContextMiddleware:
                 {
                     "type": "http.response.start",
                     "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
                 }
             )
             await send({"type": "http.response.body", "body": body})
@@ -84,12 +89,22 @@ class RequestContextMiddleware:
         try:
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 declared = headers.get(b"content-length")
-                if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-                    await reject(413, "body_too_large", f"request body exceeds the limit of {self.max_body_bytes} bytes")
+                if declared is not None and (
+                    not declared.isdigit() or int(declared) > self.max_body_bytes
+                ):
+                    await reject(
+                        413,
+                        "body_too_large",
+                        f"request body exceeds the limit of {self.max_body_bytes} bytes",
+                    )
                     return
                 body = await self._read_body(receive)
                 if body is None:
-                    await reject(413, "body_too_large", f"request body exceeds the limit of {self.max_body_bytes} bytes")
+                    await reject(
+                        413,
+                        "body_too_large",
+                        f"request body exceeds the limit of {self.max_body_bytes} bytes",
+                    )
                     return
                 content_type = headers.get(b"content-type")
                 if body and content_type is not None and not is_json_media_type(content_type):

@@ -38,7 +38,9 @@ class SamplingFields(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=100_000, description="0 disables top-k filtering")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stop: list[str] = Field(default_factory=list, description="stop sequences, not included in the output")
+    stop: list[str] = Field(
+        default_factory=list, description="stop sequences, not included in the output"
+    )
     ignore_eos: bool = Field(False, description="keep generating past end-of-sequence tokens")
 
 
@@ -48,7 +50,9 @@ class GenerateRequest(SamplingFields):
 
     prompt: str | None = Field(None, max_length=1_000_000)
     messages: list[Message] | None = Field(None, min_length=1, max_length=1000)
-    preference: float | None = Field(None, ge=0.0, le=1.0, description="slider: 1 most helpful, 0 most harmless")
+    preference: float | None = Field(
+        None, ge=0.0, le=1.0, description="slider: 1 most helpful, 0 most harmless"
+    )
     coefficients: Coefficients | None = None
     stream: bool = False
 

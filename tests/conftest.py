@@ -26,11 +26,24 @@ def free_port() -> int:
 class ServerProcess:
     """A ``python -m server`` child process and its base URL."""
 
-    def __init__(self, *flags: str, env: dict[str, str] | None = None, ready_timeout: float = 180.0):
+    def __init__(
+        self, *flags: str, env: dict[str, str] | None = None, ready_timeout: float = 180.0
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"peo-server-{self.port}.log"
-        command = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), *flags]
+        self.log_path = (
+            Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"peo-server-{self.port}.log"
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *flags,
+        ]
         child_env = os.environ.copy()
         child_env.setdefault("PEO_THREADS", "1")
         child_env.update(env or {})
@@ -44,7 +57,9 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_text()}")
+                raise RuntimeError(
+                    f"server exited with {self.process.returncode}:\n{self.log_text()}"
+                )
             try:
                 if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
                     return

@@ -13,7 +13,13 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 EXPECTED_KEYS = {
-    "fusion": ["ratio_to_bound", "ratio_to_peft", "ratio_to_state_dict_loop", "fusion_s", "bound_s"],
+    "fusion": [
+        "ratio_to_bound",
+        "ratio_to_peft",
+        "ratio_to_state_dict_loop",
+        "fusion_s",
+        "bound_s",
+    ],
     "memory": ["cached_entry_bytes", "targeted_weight_bytes", "base_bytes", "total_ours_bytes"],
     "serving": ["tokens_per_s_ratio", "ttft_ratio"],
 }
@@ -25,7 +31,9 @@ def test_quick_benchmark_writes_ratios(name, tmp_path):
     command = [sys.executable, "-m", f"benchmarks.{name}", "--quick"]
     if name != "memory":
         command += ["--threads", "1"]
-    completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    completed = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert completed.returncode == 0, completed.stderr[-2000:]
 
     result = json.loads((tmp_path / f"{name}.json").read_text())
@@ -36,4 +44,3 @@ def test_quick_benchmark_writes_ratios(name, tmp_path):
     if name == "memory":
         assert result["cached_entry_bytes"] <= result["targeted_weight_bytes"]
         assert result["targeted_weight_bytes"] < result["full_model_copy_bytes"]
-

@@ -81,7 +81,9 @@ def test_padding_does_not_change_scores(tiny_model):
 
 
 def test_collate_masks_only_response_tokens():
-    batch = collate([EncodedSequence((1, 2, 3), 2), EncodedSequence((4, 5, 6, 7, 8), 1)], PAD_TOKEN_ID)
+    batch = collate(
+        [EncodedSequence((1, 2, 3), 2), EncodedSequence((4, 5, 6, 7, 8), 1)], PAD_TOKEN_ID
+    )
 
     assert batch["input_ids"].tolist() == [[1, 2, 3, PAD_TOKEN_ID, PAD_TOKEN_ID], [4, 5, 6, 7, 8]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]

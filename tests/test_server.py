@@ -26,7 +26,9 @@ def parse_sse(lines) -> list[tuple[str, dict]]:
 
 def metric_value(text: str, name: str, labels: str = "") -> float:
     """Return one sample's value from Prometheus text, or 0 when the series does not exist."""
-    pattern = re.escape(name) + (re.escape("{" + labels + "}") if labels else r"(?:\{\})?") + r" (\S+)"
+    pattern = (
+        re.escape(name) + (re.escape("{" + labels + "}") if labels else r"(?:\{\})?") + r" (\S+)"
+    )
     match = re.search("^" + pattern + "$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
@@ -47,7 +49,11 @@ def test_info_describes_bundle_and_map(client):
 
 
 def test_generate_preferences_change_text(client):
-    body = {"messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "max_new_tokens": 48}
+    body = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "temperature": 0,
+        "max_new_tokens": 48,
+    }
     helpful = client.post("/generate", json=body | {"preference": 1.0})
     harmless = client.post("/generate", json=body | {"preference": 0.0})
     assert helpful.status_code == 200, helpful.text
@@ -72,13 +78,21 @@ def test_generate_second_request_hits_cache(client):
 
 
 def test_generate_rounds_coefficients_to_step(client):
-    body = {"prompt": "Hello", "max_new_tokens": 1, "coefficients": {"helpfulness": 0.123456, "harmlessness": -0.5}}
+    body = {
+        "prompt": "Hello",
+        "max_new_tokens": 1,
+        "coefficients": {"helpfulness": 0.123456, "harmlessness": -0.5},
+    }
     response = client.post("/generate", json=body).json()
     assert response["coefficients"] == {"helpfulness": 0.12, "harmlessness": -0.5}
 
 
 def test_stream_yields_tokens_then_one_done(client):
-    body = {"messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "max_new_tokens": 16}
+    body = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "temperature": 0,
+        "max_new_tokens": 16,
+    }
     body |= {"stream": True, "preference": 0.5}
     with client.stream("POST", "/generate", json=body) as response:
         assert response.status_code == 200
@@ -92,7 +106,9 @@ def test_stream_yields_tokens_then_one_done(client):
     done = events[-1][1]
     streamed = "".join(data["text"] for kind, data in events if kind == "token")
     assert streamed == done["text"]
-    assert [data["index"] for kind, data in events if kind == "token"] == list(range(len(events) - 1))
+    assert [data["index"] for kind, data in events if kind == "token"] == list(
+        range(len(events) - 1)
+    )
 
 
 def test_stream_matches_non_streaming_text(client):
@@ -121,10 +137,16 @@ def test_disconnect_stops_generation(server, client):
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         metrics = client.get("/metrics").text
-        if metric_value(metrics, "peo_generations_finished_total", 'reason="cancelled"') > cancelled_before:
+        if (
+            metric_value(metrics, "peo_generations_finished_total", 'reason="cancelled"')
+            > cancelled_before
+        ):
             break
         time.sleep(0.2)
-    assert metric_value(metrics, "peo_generations_finished_total", 'reason="cancelled"') == cancelled_before + 1
+    assert (
+        metric_value(metrics, "peo_generations_finished_total", 'reason="cancelled"')
+        == cancelled_before + 1
+    )
     assert metric_value(metrics, "peo_requests_in_flight") == 0
     assert metric_value(metrics, "peo_generated_tokens_total") - tokens_before < 1000
     assert "client disconnected" in server.log_text()
@@ -156,14 +178,44 @@ def test_metrics_expose_documented_names(client):
 
 
 INVALID_BODIES = [
-    ("nan_coefficient", b'{"prompt": "x", "coefficients": {"helpfulness": NaN, "harmlessness": 0}}', 422, "coefficients.helpfulness"),
-    ("inf_coefficient", b'{"prompt": "x", "coefficients": {"helpfulness": 0, "harmlessness": Infinity}}', 422, "coefficients.harmlessness"),
-    ("coefficient_over_bound", {"prompt": "x", "coefficients": {"helpfulness": 9.0, "harmlessness": 0}}, 422, "coefficients.helpfulness"),
-    ("coefficient_under_bound", {"prompt": "x", "coefficients": {"helpfulness": 0, "harmlessness": -7}}, 422, "coefficients.harmlessness"),
+    (
+        "nan_coefficient",
+        b'{"prompt": "x", "coefficients": {"helpfulness": NaN, "harmlessness": 0}}',
+        422,
+        "coefficients.helpfulness",
+    ),
+    (
+        "inf_coefficient",
+        b'{"prompt": "x", "coefficients": {"helpfulness": 0, "harmlessness": Infinity}}',
+        422,
+        "coefficients.harmlessness",
+    ),
+    (
+        "coefficient_over_bound",
+        {"prompt": "x", "coefficients": {"helpfulness": 9.0, "harmlessness": 0}},
+        422,
+        "coefficients.helpfulness",
+    ),
+    (
+        "coefficient_under_bound",
+        {"prompt": "x", "coefficients": {"helpfulness": 0, "harmlessness": -7}},
+        422,
+        "coefficients.harmlessness",
+    ),
     ("preference_above_one", {"prompt": "x", "preference": 1.5}, 422, "preference"),
     ("preference_negative", {"prompt": "x", "preference": -0.1}, 422, "preference"),
-    ("preference_and_coefficients", {"prompt": "x", "preference": 0.5, "coefficients": {"helpfulness": 0, "harmlessness": 0}}, 422, "body"),
-    ("prompt_and_messages", {"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, 422, "body"),
+    (
+        "preference_and_coefficients",
+        {"prompt": "x", "preference": 0.5, "coefficients": {"helpfulness": 0, "harmlessness": 0}},
+        422,
+        "body",
+    ),
+    (
+        "prompt_and_messages",
+        {"prompt": "x", "messages": [{"role": "user", "content": "y"}]},
+        422,
+        "body",
+    ),
     ("neither_prompt_nor_messages", {"preference": 0.5}, 422, "body"),
     ("negative_temperature", {"prompt": "x", "temperature": -1}, 422, "temperature"),
     ("top_p_zero", {"prompt": "x", "top_p": 0}, 422, "top_p"),
@@ -176,11 +228,31 @@ INVALID_BODIES = [
     ("too_many_stops", {"prompt": "x", "stop": ["a"] * 10_000}, 422, "stop"),
     ("empty_stop", {"prompt": "x", "stop": [""]}, 422, "stop"),
     ("overlong_stop", {"prompt": "x", "stop": ["a" * 257]}, 422, "stop"),
-    ("huge_coefficient", {"prompt": "x", "coefficients": {"helpfulness": 1e308, "harmlessness": 0}}, 422, "coefficients.helpfulness"),
-    ("overflowing_coefficient", b'{"prompt": "x", "coefficients": {"helpfulness": 0, "harmlessness": -1e400}}', 422, "coefficients.harmlessness"),
-    ("empty_message_content", {"messages": [{"role": "user", "content": ""}]}, 422, "messages.0.content"),
+    (
+        "huge_coefficient",
+        {"prompt": "x", "coefficients": {"helpfulness": 1e308, "harmlessness": 0}},
+        422,
+        "coefficients.helpfulness",
+    ),
+    (
+        "overflowing_coefficient",
+        b'{"prompt": "x", "coefficients": {"helpfulness": 0, "harmlessness": -1e400}}',
+        422,
+        "coefficients.harmlessness",
+    ),
+    (
+        "empty_message_content",
+        {"messages": [{"role": "user", "content": ""}]},
+        422,
+        "messages.0.content",
+    ),
     ("message_without_role", {"messages": [{"content": "y"}]}, 422, "messages.0.role"),
-    ("message_unknown_field", {"messages": [{"role": "user", "content": "y", "name": "z"}]}, 422, "messages.0.name"),
+    (
+        "message_unknown_field",
+        {"messages": [{"role": "user", "content": "y", "name": "z"}]},
+        422,
+        "messages.0.name",
+    ),
     ("messages_wrong_type", {"messages": "hello"}, 422, "messages"),
     ("prompt_wrong_type", {"prompt": 42}, 422, "prompt"),
     ("stream_wrong_type", {"prompt": "x", "stream": "yes"}, 422, "stream"),
@@ -192,10 +264,14 @@ INVALID_BODIES = [
 ]
 
 
-@pytest.mark.parametrize("case,body,status,field", INVALID_BODIES, ids=[case[0] for case in INVALID_BODIES])
+@pytest.mark.parametrize(
+    "case,body,status,field", INVALID_BODIES, ids=[case[0] for case in INVALID_BODIES]
+)
 def test_generate_rejects_invalid_input(client, case, body, status, field):
     if isinstance(body, bytes):
-        response = client.post("/generate", content=body, headers={"content-type": "application/json"})
+        response = client.post(
+            "/generate", content=body, headers={"content-type": "application/json"}
+        )
     else:
         response = client.post("/generate", json=body)
     assert response.status_code == status, response.text
@@ -218,7 +294,9 @@ def test_generate_rejects_prompt_past_context(client):
 
 
 def test_generate_rejects_invalid_utf8(client):
-    response = client.post("/generate", content=b'{"prompt": "\xff\xfe"}', headers={"content-type": "application/json"})
+    response = client.post(
+        "/generate", content=b'{"prompt": "\xff\xfe"}', headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_json"
     assert client.get("/readyz").status_code == 200
@@ -240,7 +318,9 @@ def test_unknown_route_is_json_404(client):
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
 def test_generate_rejects_non_json_content_type(client, content_type):
-    response = client.post("/generate", content=b'{"prompt": "x"}', headers={"content-type": content_type})
+    response = client.post(
+        "/generate", content=b'{"prompt": "x"}', headers={"content-type": content_type}
+    )
     assert response.status_code == 415, response.text
     error = response.json()["error"]
     assert error["type"] == "unsupported_media_type"
@@ -250,9 +330,14 @@ def test_generate_rejects_non_json_content_type(client, content_type):
 
 
 def test_generate_rejects_json_array_clearly(client):
-    response = client.post("/generate", content=b"[1, 2]", headers={"content-type": "application/json"})
+    response = client.post(
+        "/generate", content=b"[1, 2]", headers={"content-type": "application/json"}
+    )
     assert response.status_code == 422
-    assert response.json()["error"]["message"] == "request body must be a JSON object; got a JSON array"
+    assert (
+        response.json()["error"]["message"]
+        == "request body must be a JSON object; got a JSON array"
+    )
 
 
 def test_generate_rejects_chunked_10mb_body(client):
@@ -262,7 +347,9 @@ def test_generate_rejects_chunked_10mb_body(client):
             yield b"a" * 1024 * 1024
         yield b'"}'
 
-    response = client.post("/generate", content=chunks(), headers={"content-type": "application/json"})
+    response = client.post(
+        "/generate", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert "content-length" not in response.request.headers
     assert response.status_code == 413
     assert response.json()["error"]["type"] == "body_too_large"
@@ -277,13 +364,14 @@ def test_generate_rejects_declared_10mb_body(client):
     assert client.get("/readyz").status_code == 200
 
 
-@pytest.mark.parametrize("field,value", [("temperature", 1e-300), ("top_p", 1e-300), ("temperature", 5.0)])
+@pytest.mark.parametrize(
+    "field,value", [("temperature", 1e-300), ("top_p", 1e-300), ("temperature", 5.0)]
+)
 def test_generate_extreme_sampling_values_succeed(client, field, value):
     body = {"prompt": "Hello", "max_new_tokens": 2, "seed": 3, field: value}
     response = client.post("/generate", json=body)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] >= 1
-
 
 
 def test_huge_prompt_leaves_health_responsive(server, client):

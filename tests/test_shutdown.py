@@ -7,14 +7,18 @@ import signal
 import threading
 
 import httpx
-
 from conftest import ServerProcess
 from test_server import parse_sse
 
 
 def test_sigterm_ends_stream_with_done_and_exits_zero():
     server = ServerProcess("--shutdown-grace-seconds", "1")
-    body = {"prompt": "Tell me a long story.", "max_new_tokens": 1000, "ignore_eos": True, "stream": True}
+    body = {
+        "prompt": "Tell me a long story.",
+        "max_new_tokens": 1000,
+        "ignore_eos": True,
+        "stream": True,
+    }
     started = threading.Event()
     lines: list[str] = []
 

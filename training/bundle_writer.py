@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 
 from peo_merge.base_model import sha256_file
-from peo_merge.bundle import FORMAT_VERSION, CoefficientBounds, Manifest, VectorEntry, write_manifest
+from peo_merge.bundle import (
+    FORMAT_VERSION,
+    CoefficientBounds,
+    Manifest,
+    VectorEntry,
+    write_manifest,
+)
 from peo_merge.task_vector import load_task_vector, save_task_vector
 from training.dpo import RECORD_FILE, VECTOR_FILE
 
@@ -24,7 +30,9 @@ STORAGE_DTYPE = torch.float16
 
 def _portable_data_files(data_files: dict[str, str]) -> dict[str, str]:
     """Key data file hashes by ``<folder>/<file>`` so the manifest holds no machine-local paths."""
-    return {f"{Path(path).parent.name}/{Path(path).name}": digest for path, digest in data_files.items()}
+    return {
+        f"{Path(path).parent.name}/{Path(path).name}": digest for path, digest in data_files.items()
+    }
 
 
 def recipe_from_record(record: dict) -> dict:
@@ -89,7 +97,11 @@ def write_bundle(runs: dict[str, Path], output: Path, name: str) -> Manifest:
         offset={},
         coefficient_bounds=CoefficientBounds(min=-1.0, max=2.0),
         default_preference=0.5,
-        phases={"aspect_learning": {aspect: entry.recipe["wall_time_seconds"] for aspect, entry in entries.items()}},
+        phases={
+            "aspect_learning": {
+                aspect: entry.recipe["wall_time_seconds"] for aspect, entry in entries.items()
+            }
+        },
     )
     write_manifest(output, manifest)
     return manifest
@@ -97,12 +109,18 @@ def write_bundle(runs: dict[str, Path], output: Path, name: str) -> Manifest:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--help-run", required=True, type=Path, help="run folder of the helpfulness vector")
-    parser.add_argument("--harm-run", required=True, type=Path, help="run folder of the harmlessness vector")
+    parser.add_argument(
+        "--help-run", required=True, type=Path, help="run folder of the helpfulness vector"
+    )
+    parser.add_argument(
+        "--harm-run", required=True, type=Path, help="run folder of the harmlessness vector"
+    )
     parser.add_argument("--output", required=True, type=Path, help="bundle folder to write")
     parser.add_argument("--name", default="smollm2-hh")
     args = parser.parse_args(argv)
-    manifest = write_bundle({"helpfulness": args.help_run, "harmlessness": args.harm_run}, args.output, args.name)
+    manifest = write_bundle(
+        {"helpfulness": args.help_run, "harmlessness": args.harm_run}, args.output, args.name
+    )
     print(f"wrote {args.output} with vectors {sorted(manifest.vectors)}")
 
 

@@ -88,7 +88,9 @@ def read_pairs(path: Path) -> list[PreferencePair]:
     A folder is read as its ``*.jsonl.gz`` and ``*.jsonl`` files in name order.
     """
     path = Path(path)
-    files = sorted(path.glob("*.jsonl.gz")) + sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    files = (
+        sorted(path.glob("*.jsonl.gz")) + sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    )
     if not files:
         raise FileNotFoundError(f"no .jsonl or .jsonl.gz files in {path}")
 

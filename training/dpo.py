@@ -89,7 +89,9 @@ def train_aspect(config: AspectRunConfig, model=None, tokenizer=None) -> Path:
     if config.max_train_pairs is not None:
         train_pairs = train_pairs[: config.max_train_pairs]
     rows = to_dpo_rows(train_pairs, tokenizer, config.max_prompt_tokens)
-    logger.info("%s: %d train pairs, %d held out", config.aspect, len(train_pairs), len(heldout_pairs))
+    logger.info(
+        "%s: %d train pairs, %d held out", config.aspect, len(train_pairs), len(heldout_pairs)
+    )
 
     # train, resuming from the newest checkpoint
     checkpoint_dir = output_dir / "checkpoints"
@@ -129,7 +131,9 @@ def train_aspect(config: AspectRunConfig, model=None, tokenizer=None) -> Path:
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
-                logger.info("%s step %d/%d %s", config.aspect, state.global_step, state.max_steps, logs)
+                logger.info(
+                    "%s step %d/%d %s", config.aspect, state.global_step, state.max_steps, logs
+                )
 
     trainer = DPOTrainer(
         model=model,
@@ -161,20 +165,28 @@ def train_aspect(config: AspectRunConfig, model=None, tokenizer=None) -> Path:
         "torch_threads": torch.get_num_threads(),
     }
     (output_dir / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    logger.info("%s: wrote %s after %d steps", config.aspect, vector_path, trainer.state.global_step)
+    logger.info(
+        "%s: wrote %s after %d steps", config.aspect, vector_path, trainer.state.global_step
+    )
     return vector_path
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--aspect", required=True, choices=["helpfulness", "harmlessness", "mixed"])
-    parser.add_argument("--data", required=True, nargs="+", type=Path, help="HH-RLHF files or folders")
+    parser.add_argument(
+        "--data", required=True, nargs="+", type=Path, help="HH-RLHF files or folders"
+    )
     parser.add_argument("--output-dir", required=True, type=Path)
-    parser.add_argument("--base-model", default=None, help="local model folder; default SmolLM2-135M-Instruct")
+    parser.add_argument(
+        "--base-model", default=None, help="local model folder; default SmolLM2-135M-Instruct"
+    )
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per forward pass")
     parser.add_argument("--gradient-accumulation", type=int, default=2)
-    parser.add_argument("--max-length", type=int, default=192, help="tokens of prompt plus response")
+    parser.add_argument(
+        "--max-length", type=int, default=192, help="tokens of prompt plus response"
+    )
     parser.add_argument("--max-prompt-tokens", type=int, default=112)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
@@ -190,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     args = build_parser().parse_args(argv)
     config = AspectRunConfig(
         aspect=args.aspect,

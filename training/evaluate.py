@@ -126,7 +126,9 @@ def load_heldout(aspect: str, recipe: dict, data_root: Path) -> HeldoutSet:
     for relative, expected in recipe["data_files"].items():
         relative_path = Path(relative)
         if relative_path.is_absolute() or ".." in relative_path.parts:
-            raise EvaluationError(f"data file {relative!r} must be a relative path in the data root")
+            raise EvaluationError(
+                f"data file {relative!r} must be a relative path in the data root"
+            )
         path = data_root / relative_path
         if not path.is_file():
             raise EvaluationError(
@@ -224,7 +226,11 @@ def collate(sequences: Sequence[EncodedSequence], pad_token_id: int) -> dict[str
         input_ids[row, :length] = torch.tensor(sequence.input_ids, dtype=torch.long)
         attention_mask[row, :length] = 1
         response_mask[row, sequence.response_start : length] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "response_mask": response_mask,
+    }
 
 
 def batch_logprobs(
@@ -265,7 +271,9 @@ def response_logprobs(
     results = [batch_logprobs(model, batch) for batch in batches]
     if not results:
         return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
-    return torch.cat([summed for summed, _ in results]), torch.cat([counts for _, counts in results])
+    return torch.cat([summed for summed, _ in results]), torch.cat(
+        [counts for _, counts in results]
+    )
 
 
 def preference_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> float:
@@ -457,7 +465,9 @@ def render_markdown(report: dict) -> str:
     lines += ["", "## Setting", ""]
     for aspect in ASPECTS:
         data = report["data"][aspect]
-        files = ", ".join(f"`{name}` (sha256 {digest[:12]}…)" for name, digest in data["files"].items())
+        files = ", ".join(
+            f"`{name}` (sha256 {digest[:12]}…)" for name, digest in data["files"].items()
+        )
         limit = "" if data["max_pairs"] is None else f", limited to the first {data['max_pairs']}"
         dropped = ""
         if data["dropped_pairs"]:
@@ -654,7 +664,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", required=True, type=Path, help="bundle folder")
     parser.add_argument(
-        "--output", required=True, type=Path, help="Markdown file to write, with the JSON next to it"
+        "--output",
+        required=True,
+        type=Path,
+        help="Markdown file to write, with the JSON next to it",
     )
     parser.add_argument(
         "--data-root",
@@ -680,7 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the evaluation command."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.max_pairs is not None and args.max_pairs < 1:
