@@ -154,11 +154,9 @@ def sampling_params(
     ``max_new_tokens`` is cut to the room left in the context after the prompt.
     """
     settings = state.settings
-    requested = (
-        fields.max_new_tokens
-        if fields.max_new_tokens is not None
-        else settings.default_max_new_tokens
-    )
+    requested = fields.max_new_tokens
+    if requested is None:
+        requested = min(settings.default_max_new_tokens, settings.max_new_tokens)
     if requested > settings.max_new_tokens:
         raise RequestError(
             422,
@@ -324,6 +322,39 @@ async def stream_events(state: ServerState, job: GenerationJob, known: dict):
         job.cancel("cancelled")
 
 
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+async def wait_for_result(request: Request, job: GenerationJob) -> Finished:
+    """Wait for a non-streamed generation and stop it early if the client disconnects.
+
+    Raises:
+        RequestError: the decode loop failed (500).
+    """
+
+    async def stop_on_disconnect() -> None:
+        while not job.finished.is_set():
+            if await request.is_disconnected():
+                logger.info(
+                    "client disconnected; stopping generation of request %s", job.request_id
+                )
+                job.cancel("cancelled")
+                return
+            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+
+    watcher = asyncio.create_task(stop_on_disconnect())
+    try:
+        async for item in job.events():
+            if isinstance(item, Finished):
+                return item
+        raise RequestError(500, "generation_failed", "generation ended without a result")
+    except GenerationFailed as error:
+        raise RequestError(500, "generation_failed", str(error)) from error
+    finally:
+        watcher.cancel()
+        job.cancel("cancelled")
+
+
 def create_app(settings: Settings, engine: Engine) -> FastAPI:
     """Build the application around a loaded engine."""
     metrics = Metrics()
@@ -413,21 +444,15 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
 
-        try:
-            async for item in job.events():
-                if isinstance(item, Finished):
-                    return finish_response(state, known, item)
-        except GenerationFailed as error:
-            raise RequestError(500, "generation_failed", str(error)) from error
-        finally:
-            job.cancel("cancelled")
+        finished = await wait_for_result(request, job)
+        return finish_response(state, known, finished)
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
         """Report that the process is alive."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz():
         """Report whether the model and vectors are loaded and new requests are accepted."""
         if state.admission is None or state.admission.draining:

@@ -118,6 +118,12 @@ class RequestContextMiddleware:
                         f"Content-Type header is {declared_type!r}; allowed: application/json",
                     )
                     return
+                if body and content_type is None:
+                    # FastAPI parses a body as JSON only when the header says so; a body sent
+                    # without one is read as JSON here instead of being silently dropped
+                    scope["headers"] = list(scope["headers"]) + [
+                        (b"content-type", b"application/json")
+                    ]
                 receive = self._replay(body, receive)
             await self.app(scope, receive, send_with_context)
         finally:

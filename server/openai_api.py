@@ -23,7 +23,13 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.app import ServerState, check_api_key, finish_response, start_generation
+from server.app import (
+    ServerState,
+    check_api_key,
+    finish_response,
+    start_generation,
+    wait_for_result,
+)
 from server.engine import RequestError
 from server.generation import Finished
 from server.runner import GenerationFailed, GenerationJob
@@ -427,14 +433,8 @@ async def _complete(state: ServerState, request: Request, body: OpenAIFields, ch
             headers=STREAM_HEADERS,
         )
 
-    try:
-        async for item in job.events():
-            if isinstance(item, Finished):
-                return builder.response(finish_response(state, known, item))
-    except GenerationFailed as error:
-        raise RequestError(500, "generation_failed", str(error)) from error
-    finally:
-        job.cancel("cancelled")
+    finished = await wait_for_result(request, job)
+    return builder.response(finish_response(state, known, finished))
 
 
 def register_openai_routes(app: FastAPI, state: ServerState) -> None:

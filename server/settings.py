@@ -81,7 +81,7 @@ class Settings(BaseModel):
         1024, ge=1, description="upper limit of max_new_tokens in a request"
     )
     default_max_new_tokens: int = Field(
-        128, ge=1, description="max_new_tokens when a request omits it"
+        128, ge=1, description="max_new_tokens when a request omits it, capped at --max-new-tokens"
     )
     max_model_len: int | None = Field(
         None, ge=16, description="context length; default: the model's"
@@ -162,7 +162,10 @@ def load_settings(argv: list[str] | None = None, environ: dict[str, str] | None 
     except ValidationError as error:
         problems = []
         for item in error.errors():
-            name = str(item["loc"][0]) if item["loc"] else "settings"
+            if not item["loc"]:
+                problems.append(item["msg"].removeprefix("Value error, "))
+                continue
+            name = str(item["loc"][0])
             problems.append(
                 f"{_flag(name)} / {ENV_PREFIX}{name.upper()}={values.get(name)!r}: {item['msg']}"
             )

@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+from conftest import ServerProcess
 
 PROMPT = "How can I get my neighbour's dog to stop barking at night?"
 
@@ -398,3 +399,50 @@ def test_huge_prompt_leaves_health_responsive(server, client):
     assert len(latencies) >= 3
     # tokenizing on the event loop would hold /healthz for about the whole request
     assert max(latencies) < outcome["seconds"] / 2, (latencies, outcome)
+
+
+def test_non_streaming_disconnect_stops_generation(server, client):
+    before = client.get("/metrics").text
+    cancelled_before = metric_value(before, "peo_generations_finished_total", 'reason="cancelled"')
+
+    body = {"prompt": PROMPT, "max_new_tokens": 1000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/generate", json=body, timeout=2)
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        metrics = client.get("/metrics").text
+        cancelled = metric_value(metrics, "peo_generations_finished_total", 'reason="cancelled"')
+        if cancelled > cancelled_before:
+            break
+        time.sleep(0.2)
+    assert cancelled == cancelled_before + 1
+    assert metric_value(metrics, "peo_requests_in_flight") == 0
+
+
+def test_generate_reads_body_without_content_type(client):
+    body = json.dumps({"prompt": "Hi", "max_new_tokens": 2}).encode()
+    request = client.build_request("POST", "/generate", content=body)
+    assert "content-type" not in request.headers
+    response = client.send(request)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_health_routes_answer_head(client):
+    assert client.head("/healthz").status_code == 200
+    assert client.head("/readyz").status_code == 200
+
+
+def test_default_max_new_tokens_capped_at_limit():
+    small = ServerProcess("--max-new-tokens", "3", "--default-max-new-tokens", "500")
+    try:
+        response = httpx.post(
+            small.url + "/generate",
+            json={"prompt": "Tell me a story", "ignore_eos": True},
+            timeout=120,
+        )
+    finally:
+        small.stop()
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 3
