@@ -447,12 +447,16 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         finished = await wait_for_result(request, job)
         return finish_response(state, known, finished)
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"])
+    # HEAD is served for health checkers that use it, but kept out of the OpenAPI schema, where
+    # a second method on the same function would repeat its operation id
+    @app.head("/healthz", include_in_schema=False)
+    @app.get("/healthz")
     async def healthz():
         """Report that the process is alive."""
         return {"status": "ok"}
 
-    @app.api_route("/readyz", methods=["GET", "HEAD"])
+    @app.head("/readyz", include_in_schema=False)
+    @app.get("/readyz")
     async def readyz():
         """Report whether the model and vectors are loaded and new requests are accepted."""
         if state.admission is None or state.admission.draining:
