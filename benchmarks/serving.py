@@ -49,7 +49,7 @@ def free_port() -> int:
 
 
 def start_server(port: int, threads: int, bundle: str) -> subprocess.Popen:
-    """Start ``python -m server`` on 127.0.0.1 and wait until ``/readyz`` answers 200."""
+    """Start ``python -m server`` on 127.0.0.1 and wait until ``/readyz`` returns 200."""
     command = [
         sys.executable,
         "-m",

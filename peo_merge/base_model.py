@@ -31,7 +31,7 @@ SOURCE_RECORD = "peo_source.json"
 
 @dataclass(frozen=True)
 class BaseModelSource:
-    """Where a base model folder came from: its path, origin and the hash of its source file."""
+    """Origin of a base model folder: its path, source and the hash of its source file."""
 
     path: Path
     origin: str

@@ -1,6 +1,6 @@
 """The checkpoint bundle: a manifest, task vector files and the preference map of one base.
 
-A bundle folder holds ``manifest.json`` and ``vectors/*.safetensors``, and optionally
+A bundle folder contains ``manifest.json`` and ``vectors/*.safetensors``, and optionally
 ``preference_map.json``, ``pareto.json`` and ``pareto.png``. The manifest describes the affine
 family that every served model belongs to::
 
@@ -195,7 +195,7 @@ def load_bundle(path: Path) -> Bundle:
                 )
         if entry.kind == "lowrank" and entry.rank is not None and vector.rank != entry.rank:
             raise BundleError(
-                f"{file}: factors have rank {vector.rank}, the manifest says {entry.rank}"
+                f"{file}: factors have rank {vector.rank}, but the manifest declares rank {entry.rank}"
             )
         vectors[name] = vector
 

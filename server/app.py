@@ -99,7 +99,7 @@ class ServerState:
         """Stop admitting requests, then end the generations still running after the grace period.
 
         Must run on the event loop. Generations ended this way finish with reason ``shutdown``,
-        so their streams close with a ``done`` event that says why.
+        so their streams close with a ``done`` event that gives the reason.
         """
         if self.admission is not None:
             self.admission.draining = True
@@ -304,7 +304,7 @@ async def stream_events(state: ServerState, job: GenerationJob, known: dict):
     """Yield the Server-Sent Events of one generation: ``token`` events, then ``done`` or ``error``.
 
     If the client disconnects, the response task is cancelled and ``finally`` stops the decode
-    loop; the worker thread then frees the slot and the cache pin.
+    loop. The worker thread then frees the slot and the cache pin.
     """
     index = 0
     try:

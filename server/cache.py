@@ -76,7 +76,7 @@ class FusedModelCache:
             or None.
         entry_nbytes: bytes one entry needs, reserved before its build starts.
         max_entries: the maximum number of entries, pinned or not.
-        max_bytes: the most bytes held by entries and builds in progress.
+        max_bytes: the maximum bytes held by entries and builds in progress.
         wait_timeout: seconds to wait for room before :class:`CacheFullError`.
         on_evict: called with the key of each evicted entry.
     """

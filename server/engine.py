@@ -113,8 +113,6 @@ class Engine:
             wait_timeout=settings.cache_wait_seconds,
             on_evict=lambda key: self.on_evict(key) if self.on_evict else None,
         )
-        self.fusion_seconds_total = 0.0
-        self.last_fusion_seconds = 0.0
 
         # prompt limits and stop tokens
         model_len = getattr(self.model.config, "max_position_embeddings", None) or 2048
@@ -192,8 +190,6 @@ class Engine:
         self.fuser.fuse_into(buffers, self.bundle.vector_coefficients(*key))
         model = recycled.model if recycled is not None else build_fused_model(self.model, buffers)
         elapsed = time.perf_counter() - started
-        self.last_fusion_seconds = elapsed
-        self.fusion_seconds_total += elapsed
         logger.debug(
             "fused %s in %.3f s (recycled buffers: %s)", key, elapsed, recycled is not None
         )

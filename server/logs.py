@@ -7,8 +7,8 @@ import logging
 import time
 from contextvars import ContextVar
 
-# The id of the request being handled; the request middleware sets it, and it is visible to
-# every log call made while that request's task runs (uvicorn's access log included).
+# The id of the request being handled. The request middleware sets it, so every log call made
+# while that request's task runs sees it, uvicorn's access log included.
 current_request_id: ContextVar[str | None] = ContextVar("current_request_id", default=None)
 
 

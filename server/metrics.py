@@ -13,6 +13,8 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         registry = self.registry
+
+        # requests
         self.requests = Counter(
             "peo_requests",
             "HTTP requests by route and status code",
@@ -32,6 +34,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+
+        # generation
         self.generated_tokens = Counter(
             "peo_generated_tokens", "Tokens generated", registry=registry
         )
@@ -44,6 +48,8 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+
+        # fusion and the fused-model cache
         self.fusion_duration = Histogram(
             "peo_fusion_duration_seconds",
             "Time to fuse one coefficient pair",
@@ -68,6 +74,8 @@ class Metrics:
         self.task_vector_bytes = Gauge(
             "peo_task_vector_bytes", "Bytes held by loaded task vectors", registry=registry
         )
+
+        # admission
         self.in_flight = Gauge(
             "peo_requests_in_flight",
             "Generation requests admitted and not finished",

@@ -119,8 +119,8 @@ class RequestContextMiddleware:
                     )
                     return
                 if body and content_type is None:
-                    # FastAPI parses a body as JSON only when the header says so; a body sent
-                    # without one is read as JSON here instead of being silently dropped
+                    # FastAPI parses a body as JSON only when Content-Type declares JSON, so a
+                    # body sent without the header is marked as JSON here instead of dropped
                     scope["headers"] = list(scope["headers"]) + [
                         (b"content-type", b"application/json")
                     ]

@@ -21,9 +21,9 @@ class GenerationFailed(Exception):
 class GenerationJob:
     """One generation running on an executor thread.
 
-    The thread owns the lease on the fused model and releases it, and calls ``on_done``, when the
-    decode loop ends for any reason: so a slot and a pin are freed only once the model is no
-    longer in use, even when the client went away mid-stream.
+    The thread owns the lease on the fused model. When the decode loop ends for any reason, the
+    thread releases the lease and calls ``on_done``. So a slot and a pin are freed only once the
+    model is no longer in use, even when the client went away mid-stream.
     """
 
     def __init__(
@@ -55,7 +55,7 @@ class GenerationJob:
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:
-            # the event loop is closed: nobody is left to read the output
+            # the event loop is closed, so no reader is left for the output
             self.cancel_event.set()
 
     def _run(self) -> None:

@@ -29,7 +29,7 @@ STORAGE_DTYPE = torch.float16
 
 
 def _portable_data_files(data_files: dict[str, str]) -> dict[str, str]:
-    """Key data file hashes by ``<folder>/<file>`` so the manifest holds no machine-local paths."""
+    """Key data file hashes by ``<folder>/<file>`` so the manifest contains no machine-local paths."""
     return {
         f"{Path(path).parent.name}/{Path(path).name}": digest for path, digest in data_files.items()
     }

@@ -1,6 +1,6 @@
 """Read HH-RLHF preference pairs and turn them into prompt / chosen / rejected examples.
 
-Each row of an HH-RLHF file holds two whole dialogues, ``chosen`` and ``rejected``, in the
+Each row of an HH-RLHF file contains two whole dialogues, ``chosen`` and ``rejected``, in the
 transcript format ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``. Only the last Assistant turn differs
 inside a pair, so the prompt is everything up to and including the last ``"\\n\\nAssistant:"``.
 """
