@@ -44,11 +44,13 @@ bench: $(INSTALLED)
 	$(VENV_PYTHON) -m benchmarks.fusion
 	$(VENV_PYTHON) -m benchmarks.memory
 	$(VENV_PYTHON) -m benchmarks.serving
+	$(VENV_PYTHON) -m benchmarks.concurrency
 
 bench-quick: $(INSTALLED)
 	$(VENV_PYTHON) -m benchmarks.fusion --quick
 	$(VENV_PYTHON) -m benchmarks.memory --quick
 	$(VENV_PYTHON) -m benchmarks.serving --quick
+	$(VENV_PYTHON) -m benchmarks.concurrency --quick
 
 # Build the image with podman, run it on 127.0.0.1 and send one request (root; see docs/deploy.md).
 container-smoke:

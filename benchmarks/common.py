@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import torch
 
 # PEO_BENCH_RESULTS_DIR redirects results, so that smoke runs in tests leave the recorded ones alone
@@ -58,3 +61,44 @@ def write_result(name: str, figures: dict, command: str) -> Path:
     record = {"benchmark": name, "command": command, "machine": machine(), **figures}
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SERVER_LOG = Path("/tmp") / "peo-benchmark-server.log"
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(port: int, threads: int, bundle: str, *flags: str) -> subprocess.Popen:
+    """Start ``python -m server`` on 127.0.0.1 and wait until ``/readyz`` returns 200."""
+    command = [
+        sys.executable,
+        "-m",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--bundle",
+        bundle,
+        *flags,
+    ]
+    log = open(SERVER_LOG, "w")
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    process.kill()
+    raise RuntimeError(f"server did not become ready; see {SERVER_LOG}")

@@ -14,65 +14,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import torch
 from transformers import TextIteratorStreamer
 
-from benchmarks.common import write_result
+from benchmarks.common import free_port, start_server, write_result
 from peo_merge.base_model import load_base_model, resolve_base_model
 from peo_merge.bundle import load_bundle
 from peo_merge.fused_model import base_state, build_fused_model
 from peo_merge.fusion import Fuser
 from server.settings import DEFAULT_BUNDLE
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_LOG = Path("/tmp") / "peo-benchmark-server.log"
 PROMPTS = [
     "How do I get rid of a wasp nest?",
     "What is a good way to learn to play the guitar?",
     "Explain how a refrigerator keeps food cold.",
     "Give me tips for a job interview.",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(port: int, threads: int, bundle: str) -> subprocess.Popen:
-    """Start ``python -m server`` on 127.0.0.1 and wait until ``/readyz`` returns 200."""
-    command = [
-        sys.executable,
-        "-m",
-        "server",
-        "--port",
-        str(port),
-        "--threads",
-        str(threads),
-        "--bundle",
-        bundle,
-    ]
-    log = open(RESULTS_LOG, "w")
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    process.kill()
-    raise RuntimeError(f"server did not become ready; see {RESULTS_LOG}")
 
 
 def stream_once(url: str, prompt: str, new_tokens: int) -> tuple[float, float, int]:

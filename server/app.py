@@ -7,7 +7,7 @@ import hmac
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from contextlib import asynccontextmanager
 
 import anyio
@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.admission import Admission, OverloadedError
+from server.batching import BatchScheduler
 from server.cache import CacheFullError
 from server.engine import Engine, RequestError
 from server.generation import Finished, SamplingParams
@@ -88,10 +89,10 @@ class ServerState:
         self.engine = engine
         self.metrics = metrics
         self.admission: Admission | None = None
-        self.executor = ThreadPoolExecutor(
-            max_workers=settings.max_concurrency, thread_name_prefix="generate"
-        )
+        self.scheduler = BatchScheduler(settings.max_batch_size, on_step=metrics.batch_size.observe)
         self.jobs: set[GenerationJob] = set()
+        # coefficient keys of the generations admitted and not yet finished
+        self.active_keys: Counter = Counter()
         metrics.task_vector_bytes.set(engine.bundle.nbytes())
         engine.on_evict = lambda key: metrics.cache_evictions.inc()
 
@@ -117,6 +118,27 @@ class ServerState:
                 logger.info("ended %d generations at shutdown", len(self.jobs))
 
         asyncio.get_running_loop().call_later(self.settings.shutdown_grace_seconds, end_remaining)
+
+    def choose_path(self, key: tuple[float, float]) -> str:
+        """Return ``"fused"`` or ``"unfused"`` for a request with coefficient pair ``key``.
+
+        In ``auto`` mode a request takes the fused path while every generation in flight asks
+        for the same pair (a fused model decodes fastest), and the unfused path as soon as
+        preferences mix, so that one batch serves them all instead of one batch per pair.
+        """
+        mode = self.settings.engine_mode
+        if mode != "auto":
+            return mode
+        if self.engine.mixed_model is None:
+            return "fused"
+        others = any(other != key for other, count in self.active_keys.items() if count)
+        return "unfused" if others else "fused"
+
+    def forget_key(self, key: tuple[float, float]) -> None:
+        """Count one generation with coefficient pair ``key`` as no longer in flight."""
+        self.active_keys[key] -= 1
+        if self.active_keys[key] <= 0:
+            del self.active_keys[key]
 
     def refresh_cache_gauges(self) -> None:
         self.metrics.cache_entries.set(len(self.engine.cache))
@@ -223,26 +245,41 @@ async def start_generation(
         state.metrics.queued.dec()
     admitted = time.perf_counter()
 
-    # fuse or hit the cache; shielded so a disconnect cannot drop a lease that was just pinned
-    try:
-        with anyio.CancelScope(shield=True):
-            lease = await anyio.to_thread.run_sync(engine.acquire, key)
-    except CacheFullError as error:
-        state.admission.release()
-        raise RequestError(503, "overloaded", str(error)) from error
-    except Exception as error:
-        state.admission.release()
-        logger.exception("fusion failed for request %s, coefficients %s", request_id, key)
-        raise RequestError(
-            500, "fusion_failed", f"fusion of coefficients {key} failed: {error}"
-        ) from error
-
-    if lease.hit:
-        state.metrics.cache_hits.inc()
+    # pick the path; on the fused one, fuse or hit the cache, shielded so that a disconnect
+    # cannot drop a lease that was just pinned
+    # counted as active from the choice on, so that requests arriving during this one's fusion
+    # already see its pair
+    path = state.choose_path(key)
+    state.active_keys[key] += 1
+    lease = None
+    if path == "fused":
+        try:
+            with anyio.CancelScope(shield=True):
+                lease = await anyio.to_thread.run_sync(engine.acquire, key)
+        except CacheFullError as error:
+            state.forget_key(key)
+            state.admission.release()
+            raise RequestError(503, "overloaded", str(error)) from error
+        except Exception as error:
+            state.forget_key(key)
+            state.admission.release()
+            logger.exception("fusion failed for request %s, coefficients %s", request_id, key)
+            raise RequestError(
+                500, "fusion_failed", f"fusion of coefficients {key} failed: {error}"
+            ) from error
+        route = engine.fused_route(key, lease.value)
+        cache_state = "hit" if lease.hit else "miss"
+        if lease.hit:
+            state.metrics.cache_hits.inc()
+        else:
+            state.metrics.cache_misses.inc()
+            state.metrics.fusion_duration.observe(lease.fusion_seconds)
+        state.refresh_cache_gauges()
     else:
-        state.metrics.cache_misses.inc()
-        state.metrics.fusion_duration.observe(lease.fusion_seconds)
-    state.refresh_cache_gauges()
+        route = engine.unfused_route(key)
+        cache_state = "bypass"
+    fusion_seconds = lease.fusion_seconds if lease is not None else 0.0
+    state.metrics.engine_requests.labels(engine=path).inc()
     state.metrics.in_flight.inc()
     state.metrics.prompt_tokens.inc(len(prompt_ids))
 
@@ -251,21 +288,38 @@ async def start_generation(
         state.metrics.generated_tokens.inc(job.completion_tokens)
         state.admission.release()
         state.metrics.in_flight.dec()
+        state.forget_key(key)
         state.jobs.discard(job)
 
-    job = GenerationJob(engine, lease, prompt_ids, params, state.executor, on_done, request_id)
+    try:
+        job = GenerationJob(
+            engine, state.scheduler, route, lease, prompt_ids, params, on_done, request_id
+        )
+    except RuntimeError as error:  # the decode loop has closed for shutdown
+        if lease is not None:
+            lease.release()
+        on_done_without_job(state, key)
+        raise RequestError(503, "overloaded", f"server is shutting down: {error}") from error
     state.jobs.add(job)
     known = {
         "request_id": request_id,
         "preference": preference,
         "coefficients": {"helpfulness": key[0], "harmlessness": key[1]},
-        "cache": "hit" if lease.hit else "miss",
+        "cache": cache_state,
+        "engine": path,
         "prompt_tokens": len(prompt_ids),
         "queue_seconds": admitted - arrived,
-        "fusion_seconds": lease.fusion_seconds,
+        "fusion_seconds": fusion_seconds,
         "arrived": arrived,
     }
     return job, known
+
+
+def on_done_without_job(state: ServerState, key: tuple[float, float]) -> None:
+    """Undo the bookkeeping of a request that was admitted but never reached the decode loop."""
+    state.admission.release()
+    state.metrics.in_flight.dec()
+    state.forget_key(key)
 
 
 def finish_response(state: ServerState, known: dict, finished: Finished) -> dict:
@@ -292,6 +346,7 @@ def finish_response(state: ServerState, known: dict, finished: Finished) -> dict
             "total": round(now - known["arrived"], 6),
         },
         cache=known["cache"],
+        engine=known["engine"],
     )
     return response.model_dump()
 
@@ -317,7 +372,7 @@ async def stream_events(state: ServerState, job: GenerationJob, known: dict):
     except GenerationFailed as error:
         yield _sse("error", {"error": {"type": "generation_failed", "message": str(error)}})
     finally:
-        if job.finish_reason is None and not job.cancel_event.is_set():
+        if job.finish_reason is None and not job.sequence.cancel_event.is_set():
             logger.info("client disconnected; stopping generation of request %s", job.request_id)
         job.cancel("cancelled")
 
@@ -366,7 +421,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         logger.info("serving on %s:%s", settings.host, settings.port)
         yield
         state.admission.draining = True
-        state.executor.shutdown(wait=False, cancel_futures=True)
+        await anyio.to_thread.run_sync(state.scheduler.close, 5.0)
         logger.info("server stopped")
 
     app = FastAPI(

@@ -14,8 +14,10 @@ from peo_merge.base_model import load_base_model, resolve_base_model
 from peo_merge.bundle import Bundle, load_bundle
 from peo_merge.fused_model import base_state, build_fused_model
 from peo_merge.fusion import Fuser
+from peo_merge.mixed import build_mixed_model, mixed_nbytes
 from peo_merge.preference_map import PreferenceMap
 from peo_merge.validation import validate_against_base
+from server.batching import Route
 from server.cache import FusedModelCache, Lease
 from server.settings import Settings
 
@@ -114,6 +116,25 @@ class Engine:
             on_evict=lambda key: self.on_evict(key) if self.on_evict else None,
         )
 
+        # the unfused model: base weights plus factors, coefficients per batch row
+        self.mixed_model = None
+        self.mixed_rows = None
+        self.mixed_nbytes = 0
+        if settings.engine_mode != "fused":
+            try:
+                self.mixed_model, self.mixed_rows = build_mixed_model(
+                    self.model, self.bundle.vectors, self.dtype
+                )
+                self.mixed_nbytes = mixed_nbytes(self.mixed_model)
+            except ValueError as error:
+                if settings.engine_mode == "unfused":
+                    raise ValueError(
+                        f"--engine-mode / PEO_ENGINE_MODE is unfused, but bundle "
+                        f"{self.bundle.path} cannot be served unfused: {error}; allowed: "
+                        "fused or auto for this bundle"
+                    ) from error
+                logger.warning("serving fused only: %s", error)
+
         # prompt limits and stop tokens
         model_len = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(settings.max_model_len or model_len, model_len)
@@ -195,6 +216,17 @@ class Engine:
         )
         return FusedEntry(model, buffers, key), self.entry_nbytes
 
+    def fused_route(self, key: tuple[float, float], entry: FusedEntry) -> Route:
+        """Return the decode-loop route of a request served by the fused model ``entry``."""
+        return Route(("fused", key), entry.model)
+
+    def unfused_route(self, key: tuple[float, float]) -> Route:
+        """Return the decode-loop route of a request served by the unfused model."""
+        if self.mixed_model is None:
+            raise RuntimeError("the unfused engine is not loaded (engine mode fused)")
+        row = self.mixed_rows.row(self.bundle.vector_coefficients(*key))
+        return Route("unfused", self.mixed_model, self.mixed_rows, row)
+
     def acquire(self, key: tuple[float, float]) -> Lease:
         """Return a pinned fused model for ``key``; see :class:`FusedModelCache` for the policy."""
         return self.cache.acquire(key)
@@ -266,6 +298,9 @@ class Engine:
             "max_model_len": self.max_model_len,
             "max_new_tokens": self.settings.max_new_tokens,
             "fusion_expand": self.settings.fusion_expand,
+            "engine_mode": self.settings.engine_mode,
+            "unfused_factor_bytes": self.mixed_nbytes,
+            "max_batch_size": self.settings.max_batch_size,
             "cache": {
                 "entries": len(self.cache),
                 "keys": [{"helpfulness": a, "harmlessness": b} for a, b in self.cache.keys()],

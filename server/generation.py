@@ -95,6 +95,93 @@ def _find_stop(text: str, stops: tuple[str, ...], search_from: int) -> int:
     return min(positions) if positions else -1
 
 
+class DecodeState:
+    """The per-request half of decoding: sampling, detokenizing, stop sequences and the finish.
+
+    The forward passes are someone else's job (a batch of many requests runs them); this object
+    takes one row of next-token logits at a time. Text that may be the start of a stop sequence
+    is held back until it is known not to be one; the stop sequence itself is never emitted.
+    """
+
+    def __init__(self, tokenizer, params: SamplingParams, eos_token_ids: set[int]):
+        self.params = params
+        self.eos_token_ids = eos_token_ids
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        self.longest_stop = max((len(stop) for stop in params.stop), default=0)
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.text = ""
+        self.emitted = 0
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def accept(self, logits: torch.Tensor) -> tuple[int | None, str]:
+        """Sample from one row of logits.
+
+        Returns:
+            The token to feed into the next forward pass (None once finished) and the text that
+            became safe to emit (possibly empty).
+        """
+        params = self.params
+        if len(self.detokenizer.ids) >= params.max_new_tokens:
+            self.finish_reason = "length"
+            return None, self._flush()
+        token = sample_token(
+            logits.cpu() if self.generator is not None else logits, params, self.generator
+        )
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter() - self.started
+        if token in self.eos_token_ids and not params.ignore_eos:
+            self.finish_reason = "stop"
+            return None, self._flush()
+
+        # extend the text and look for a stop sequence in the part not yet checked
+        self.text += self.detokenizer.add(token)
+        if params.stop:
+            search_from = max(0, self.emitted - self.longest_stop)
+            stop_at = _find_stop(self.text, params.stop, search_from)
+            if stop_at >= 0:
+                self.text = self.text[:stop_at]
+                self.finish_reason = "stop"
+                return None, self._flush()
+
+        safe_end = len(self.text) - (self.longest_stop - 1 if self.longest_stop else 0)
+        delta = ""
+        if safe_end > self.emitted:
+            delta = self.text[self.emitted : safe_end]
+            self.emitted = safe_end
+        if len(self.detokenizer.ids) >= params.max_new_tokens:
+            self.finish_reason = "length"
+            return None, delta + self._flush()
+        return token, delta
+
+    def stop(self, reason: str) -> str:
+        """Finish early (cancelled, shutdown) and return the text still held back."""
+        self.finish_reason = reason
+        return self._flush()
+
+    def _flush(self) -> str:
+        delta = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return delta
+
+    def finished(self) -> Finished:
+        """Return the :class:`Finished` record; call once :attr:`done` is true."""
+        return Finished(
+            self.finish_reason or "length",
+            self.text,
+            len(self.detokenizer.ids),
+            self.first_token_at,
+            list(self.detokenizer.ids),
+        )
+
+
 def generate(
     model,
     tokenizer,
@@ -103,66 +190,29 @@ def generate(
     cancel: threading.Event,
     eos_token_ids: set[int],
 ) -> Iterator[str | Finished]:
-    """Generate from ``prompt_ids``, yielding text deltas and then one :class:`Finished`.
+    """Generate from ``prompt_ids`` alone, yielding text deltas and then one :class:`Finished`.
 
     The loop checks ``cancel`` before each decode step and stops with ``finish_reason``
-    ``"cancelled"`` once it is set. Text that may be the start of a stop sequence is held back
-    until it is known not to be one; the stop sequence itself is never yielded.
+    ``"cancelled"`` once it is set. The server runs requests through
+    :class:`server.batching.BatchScheduler` instead; this is the same decoding for one request.
     """
     device = next(model.parameters()).device
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device="cpu").manual_seed(params.seed)
-    longest_stop = max((len(stop) for stop in params.stop), default=0)
-
-    detokenizer = IncrementalDetokenizer(tokenizer)
-    text = ""
-    emitted = 0
-    started = time.perf_counter()
-    first_token_at = None
-    finish_reason = "length"
-
+    state = DecodeState(tokenizer, params, eos_token_ids)
     with torch.inference_mode():
         past = DynamicCache()
         inputs = torch.tensor([prompt_ids], device=device)
-        logits = model(
-            input_ids=inputs, past_key_values=past, use_cache=True, logits_to_keep=1
-        ).logits[0, -1]
-
-        for _ in range(params.max_new_tokens):
+        logits = model(input_ids=inputs, cache=past, use_cache=True, logits_to_keep=1).logits[0, -1]
+        while True:
             if cancel.is_set():
-                finish_reason = "cancelled"
+                delta = state.stop("cancelled")
+                if delta:
+                    yield delta
                 break
-
-            token = sample_token(
-                logits.cpu() if generator is not None else logits, params, generator
-            )
-            if first_token_at is None:
-                first_token_at = time.perf_counter() - started
-            if token in eos_token_ids and not params.ignore_eos:
-                finish_reason = "stop"
+            token, delta = state.accept(logits)
+            if delta:
+                yield delta
+            if token is None:
                 break
-
-            # extend the text and look for a stop sequence in the part not yet checked
-            text += detokenizer.add(token)
-            if params.stop:
-                stop_at = _find_stop(text, params.stop, max(0, emitted - longest_stop))
-                if stop_at >= 0:
-                    text = text[:stop_at]
-                    if stop_at > emitted:
-                        yield text[emitted:]
-                    emitted = len(text)
-                    finish_reason = "stop"
-                    break
-
-            safe_end = len(text) - (longest_stop - 1 if longest_stop else 0)
-            if safe_end > emitted:
-                yield text[emitted:safe_end]
-                emitted = safe_end
-
             step_input = torch.tensor([[token]], device=device)
-            logits = model(input_ids=step_input, past_key_values=past, use_cache=True).logits[0, -1]
-
-    if emitted < len(text):
-        yield text[emitted:]
-    yield Finished(finish_reason, text, len(detokenizer.ids), first_token_at, list(detokenizer.ids))
+            logits = model(input_ids=step_input, cache=past, use_cache=True).logits[0, -1]
+    yield state.finished()

@@ -75,6 +75,20 @@ class Metrics:
             "peo_task_vector_bytes", "Bytes held by loaded task vectors", registry=registry
         )
 
+        # the decode loop
+        self.engine_requests = Counter(
+            "peo_engine_requests",
+            "Generations started, by engine path (fused or unfused)",
+            ["engine"],
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "peo_decode_batch_size",
+            "Rows in each decode step of one model",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=registry,
+        )
+
         # admission
         self.in_flight = Gauge(
             "peo_requests_in_flight",

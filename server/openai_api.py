@@ -408,7 +408,7 @@ async def _stream_chunks(
         yield _data({"error": {"type": "generation_failed", "message": str(error)}})
         yield b"data: [DONE]\n\n"
     finally:
-        if job.finish_reason is None and not job.cancel_event.is_set():
+        if job.finish_reason is None and not job.sequence.cancel_event.is_set():
             logger.info("client disconnected; stopping generation of request %s", job.request_id)
         job.cancel("cancelled")
 

@@ -1,15 +1,14 @@
-"""Run one generation on a worker thread and hand its output to the event loop."""
+"""One generation as the event loop sees it: submitted to the decode loop, read as async events."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor
 
+from server.batching import BatchScheduler, Route, Sequence
 from server.cache import Lease
-from server.generation import Finished, SamplingParams, generate
+from server.generation import DecodeState, Finished, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -19,82 +18,70 @@ class GenerationFailed(Exception):
 
 
 class GenerationJob:
-    """One generation running on an executor thread.
+    """One request running in the decode loop.
 
-    The thread owns the lease on the fused model. When the decode loop ends for any reason, the
-    thread releases the lease and calls ``on_done``. So a slot and a pin are freed only once the
-    model is no longer in use, even when the client went away mid-stream.
+    The job owns the lease on its fused model (none on the unfused path). When the request
+    leaves the decode loop for any reason, the lease is released and ``on_done`` runs on the
+    event loop. So a slot and a pin are freed only once the model is no longer in use, even when
+    the client went away mid-stream.
     """
 
     def __init__(
         self,
         engine,
-        lease: Lease,
+        scheduler: BatchScheduler,
+        route: Route,
+        lease: Lease | None,
         prompt_ids: list[int],
         params: SamplingParams,
-        executor: Executor,
         on_done: Callable[[], None],
         request_id: str,
     ):
-        self.cancel_event = threading.Event()
-        self.cancel_reason = "cancelled"
         self.request_id = request_id
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._engine = engine
         self._lease = lease
-        self._prompt_ids = prompt_ids
-        self._params = params
         self._on_done = on_done
         self.finished = asyncio.Event()
         self.finish_reason: str | None = None
         self.completion_tokens = 0
-        self._future = executor.submit(self._run)
+        self.sequence = Sequence(
+            prompt_ids,
+            DecodeState(engine.tokenizer, params, engine.eos_token_ids),
+            route,
+            emit=self._put,
+            on_exit=self._exit,
+        )
+        scheduler.submit(self.sequence)
 
     def _put(self, item) -> None:
+        if isinstance(item, Finished):
+            self.finish_reason = item.finish_reason
+            self.completion_tokens = item.completion_tokens
+        elif isinstance(item, Exception):
+            logger.error("generation failed for request %s: %s", self.request_id, item)
+            self.finish_reason = "error"
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:
             # the event loop is closed, so no reader is left for the output
-            self.cancel_event.set()
+            self.sequence.cancel()
 
-    def _run(self) -> None:
-        try:
-            model = self._lease.value.model
-            for item in generate(
-                model,
-                self._engine.tokenizer,
-                self._prompt_ids,
-                self._params,
-                self.cancel_event,
-                self._engine.eos_token_ids,
-            ):
-                if isinstance(item, Finished):
-                    if item.finish_reason == "cancelled":
-                        item.finish_reason = self.cancel_reason
-                    self.finish_reason = item.finish_reason
-                    self.completion_tokens = item.completion_tokens
-                self._put(item)
-        except Exception as error:
-            logger.exception("generation failed for request %s", self.request_id)
-            self.finish_reason = "error"
-            self._put(error)
-        finally:
+    def _exit(self) -> None:
+        if self._lease is not None:
             self._lease.release()
-            try:
-                self._loop.call_soon_threadsafe(self._done)
-            except RuntimeError:
-                pass
+        try:
+            self._loop.call_soon_threadsafe(self._done)
+        except RuntimeError:
+            pass
 
     def _done(self) -> None:
         self._on_done()
         self.finished.set()
 
     def cancel(self, reason: str = "cancelled") -> None:
-        """Ask the decode loop to stop before its next step."""
-        if not self.cancel_event.is_set():
-            self.cancel_reason = reason
-            self.cancel_event.set()
+        """Ask the decode loop to drop this request before its next step."""
+        self.sequence.cancel(reason)
 
     async def events(self) -> AsyncIterator[str | Finished]:
         """Yield text deltas, then the :class:`Finished` item.

@@ -99,7 +99,12 @@ class GenerateResponse(BaseModel):
     coefficients: Coefficients
     usage: Usage
     timings: Timings
-    cache: Literal["hit", "miss"]
+    cache: Literal["hit", "miss", "bypass"] = Field(
+        description="fused-model cache outcome; bypass when the unfused engine served the request"
+    )
+    engine: Literal["fused", "unfused"] = Field(
+        description="fused: a fused copy of the weights; unfused: base weights plus factors per row"
+    )
 
 
 class ErrorBody(BaseModel):

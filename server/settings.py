@@ -75,7 +75,15 @@ class Settings(BaseModel):
     cache_wait_seconds: float = Field(
         30.0, gt=0, description="how long a request waits for cache room"
     )
-    max_concurrency: int = Field(4, ge=1, description="generations running at once")
+    engine_mode: Literal["auto", "fused", "unfused"] = Field(
+        "auto",
+        description="fused models per coefficient pair, base weights plus factors per row "
+        "(unfused), or auto: fused while all requests in flight share a pair, unfused once they mix",
+    )
+    max_batch_size: int = Field(
+        8, ge=1, description="most requests decoded together by one model in one step"
+    )
+    max_concurrency: int = Field(8, ge=1, description="generations running at once")
     max_queue: int = Field(32, ge=0, description="requests waiting for a slot before 503")
     max_new_tokens: int = Field(
         1024, ge=1, description="upper limit of max_new_tokens in a request"

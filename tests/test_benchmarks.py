@@ -22,6 +22,7 @@ EXPECTED_KEYS = {
     ],
     "memory": ["cached_entry_bytes", "targeted_weight_bytes", "base_bytes", "total_ours_bytes"],
     "serving": ["tokens_per_s_ratio", "ttft_ratio"],
+    "concurrency": ["mixed_to_single_ratio_8", "mixed_to_one_client_ratio_8"],
 }
 
 
@@ -41,6 +42,12 @@ def test_quick_benchmark_writes_ratios(name, tmp_path):
     for key in EXPECTED_KEYS[name]:
         assert isinstance(result[key], (int, float)), key
         assert result[key] > 0, key
+    if name == "concurrency":
+        runs = result["auto"]
+        assert runs["one_client"]["engines"] == {"fused": runs["one_client"]["requests"]}
+        assert runs["single_8"]["engines"] == {"fused": runs["single_8"]["requests"]}
+        assert runs["mixed_8"]["engines"].get("unfused", 0) >= 1
+        assert runs["mixed_8"]["tokens"] == 8 * result["new_tokens"] * result["rounds"]
     if name == "memory":
         assert result["cached_entry_bytes"] <= result["targeted_weight_bytes"]
         assert result["targeted_weight_bytes"] < result["full_model_copy_bytes"]

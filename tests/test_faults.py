@@ -72,9 +72,20 @@ class StreamHolder:
 
 @pytest.fixture(scope="module")
 def small_cache_server():
-    """A server with room for one fused model that waits at most 1 s for cache room."""
+    """A fused-only server with room for one fused model that waits at most 1 s for cache room.
+
+    Fused-only, because in ``auto`` mode a second pair would take the unfused path instead of
+    waiting for cache room.
+    """
     process = ServerProcess(
-        "--cache-max-entries", "1", "--cache-wait-seconds", "1", "--max-new-tokens", "512"
+        "--engine-mode",
+        "fused",
+        "--cache-max-entries",
+        "1",
+        "--cache-wait-seconds",
+        "1",
+        "--max-new-tokens",
+        "512",
     )
     yield process
     process.stop()

@@ -42,12 +42,15 @@ REQUEST_PATTERN = re.compile(
 )
 
 
-@pytest.fixture(scope="module")
-def loaded_server():
+@pytest.fixture(scope="module", params=["auto", "fused"])
+def loaded_server(request):
+    """A small server in the default mode, and one that serves every pair fused."""
     process = ServerProcess(
+        "--engine-mode", request.param,
         "--max-concurrency", "2", "--max-queue", "8", "--cache-max-entries", "3",
         "--max-new-tokens", "8", "--default-max-new-tokens", "4",
     )  # fmt: skip
+    process.engine_mode = request.param
     yield process
     process.stop()
 
@@ -156,7 +159,8 @@ def test_load_mixed_requests_stay_bounded(loaded_server):
     cache = info["cache"]
     cache_budget = min(cache["max_entries"] * cache["entry_bytes"], cache["max_bytes"])
     vector_bytes = metric_value(client.get("/metrics").text, "peo_task_vector_bytes")
-    rss_limit = base_bytes + cache_budget + vector_bytes + RSS_MARGIN_BYTES
+    unfused_bytes = info["unfused_factor_bytes"]
+    rss_limit = base_bytes + cache_budget + vector_bytes + unfused_bytes + RSS_MARGIN_BYTES
 
     with PeakSampler(loaded_server.process.pid) as sampler:
         outcomes = asyncio.run(run_load(loaded_server.url))
@@ -183,7 +187,13 @@ def test_load_mixed_requests_stay_bounded(loaded_server):
     assert metric_value(metrics, "peo_requests_in_flight") == 0
     assert metric_value(metrics, "peo_requests_queued") == 0
     assert metric_value(metrics, "peo_fused_cache_entries") <= 3
-    assert metric_value(metrics, "peo_fused_cache_evictions_total") > 0
+    if loaded_server.engine_mode == "fused":
+        # more pairs than cache entries: the LRU cache turns over
+        assert metric_value(metrics, "peo_fused_cache_evictions_total") > 0
+        assert unfused_bytes == 0
+    else:
+        # mixed pairs in flight together take the unfused path
+        assert metric_value(metrics, 'peo_engine_requests_total{engine="unfused"}') > 0
     assert sum(counts.values()) == sent
     assert counts.get("200", 0) == outcomes["ok"]
     assert counts.get("422", 0) == outcomes["client_error"]

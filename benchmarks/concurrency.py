@@ -1,0 +1,183 @@
+"""Benchmark aggregate throughput of concurrent clients, with one preference and with many.
+
+Run as ``python -m benchmarks.concurrency [--quick]``. Every client is a thread that sends
+streamed ``/generate`` requests one after another to a real server process on 127.0.0.1, each
+for a fixed number of new tokens (``ignore_eos``). Client ``i`` of ``n`` always asks for its own
+preference ``i / (n - 1)``; in the single-preference runs every client asks for 0.5. Aggregate
+throughput is all completion tokens over the wall time from the first request to the last byte.
+
+Servers, each started in turn with the same threads:
+
+- ``auto`` (the default mode): fused while the requests in flight share a pair, unfused once
+  they mix. It runs one client alone, the single-preference runs and the mixed runs.
+- ``fused``: one fused model per pair from the LRU cache (8 entries), at most 8 requests running.
+- ``unfused``: base weights plus factors with per-row coefficients, one batch for all.
+
+Every run is preceded by one warm-up round of the same clients, so that the fused runs measure
+a warm cache where it holds every pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from collections import Counter
+
+import httpx
+
+from benchmarks.common import free_port, start_server, write_result
+from server.settings import DEFAULT_BUNDLE
+
+PROMPT = "Give me some advice on planning a vegetable garden."
+
+
+def stream_request(client: httpx.Client, preference: float, new_tokens: int) -> dict:
+    """Stream one request and return its ``done`` event."""
+    body = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "preference": preference,
+        "temperature": 0,
+        "max_new_tokens": new_tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    done = None
+    with client.stream("POST", "/generate", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"status {response.status_code}: {response.read()[:200]!r}")
+        event = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: ") and event in ("done", "error"):
+                done = json.loads(line.removeprefix("data: "))
+    if done is None or "error" in done:
+        raise RuntimeError(f"stream ended without a result: {done}")
+    return done
+
+
+def run_clients(url: str, preferences: list[float], new_tokens: int, rounds: int) -> dict:
+    """Run one client thread per preference for ``rounds`` requests each; return throughput."""
+    results: list[dict] = []
+    errors: list[Exception] = []
+    lock = threading.Lock()
+
+    def client_loop(preference: float) -> None:
+        with httpx.Client(base_url=url, timeout=600) as client:
+            for _ in range(rounds):
+                try:
+                    done = stream_request(client, preference, new_tokens)
+                except Exception as error:  # counted and reported, not hidden
+                    with lock:
+                        errors.append(error)
+                    return
+                with lock:
+                    results.append(done)
+
+    threads = [threading.Thread(target=client_loop, args=(p,)) for p in preferences]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
+    tokens = sum(done["usage"]["completion_tokens"] for done in results)
+    return {
+        "clients": len(preferences),
+        "requests": len(results),
+        "tokens": tokens,
+        "seconds": elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "engines": dict(Counter(done["engine"] for done in results)),
+        "cache": dict(Counter(done["cache"] for done in results)),
+    }
+
+
+def distinct_preferences(count: int) -> list[float]:
+    return [round(i / (count - 1), 4) for i in range(count)]
+
+
+def measure(url: str, preferences: list[float], new_tokens: int, rounds: int) -> dict:
+    run_clients(url, preferences, new_tokens, 1)  # warm-up
+    figures = run_clients(url, preferences, new_tokens, rounds)
+    print(
+        f"  {len(preferences)} clients, {len(set(preferences))} preferences: "
+        f"{figures['tokens_per_s']:.1f} tokens/s {figures['engines']}",
+        file=sys.stderr,
+    )
+    return figures
+
+
+def with_server(threads: int, bundle: str, flags: list[str], work) -> dict:
+    port = free_port()
+    server = start_server(port, threads, bundle, *flags)
+    try:
+        return work(f"http://127.0.0.1:{port}")
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="8 clients, auto mode only")
+    parser.add_argument("--bundle", default=os.environ.get("PEO_BUNDLE", str(DEFAULT_BUNDLE)))
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="server torch threads")
+    args = parser.parse_args(argv)
+    new_tokens = 16 if args.quick else 48
+    rounds = 1 if args.quick else 2
+    client_counts = [8] if args.quick else [8, 32]
+    roomy = ["--max-concurrency", "32", "--max-batch-size", "32", "--max-queue", "64"]
+
+    def auto_runs(url: str) -> dict:
+        print("auto mode", file=sys.stderr)
+        runs = {"one_client": measure(url, [0.5], new_tokens, rounds)}
+        for count in client_counts:
+            runs[f"single_{count}"] = measure(url, [0.5] * count, new_tokens, rounds)
+            runs[f"mixed_{count}"] = measure(url, distinct_preferences(count), new_tokens, rounds)
+        return runs
+
+    def mixed_runs(label: str):
+        def work(url: str) -> dict:
+            print(f"{label} mode", file=sys.stderr)
+            return {
+                f"mixed_{count}": measure(url, distinct_preferences(count), new_tokens, rounds)
+                for count in client_counts
+            }
+
+        return work
+
+    figures: dict = {"new_tokens": new_tokens, "rounds": rounds, "server_threads": args.threads}
+    figures["auto"] = with_server(args.threads, args.bundle, roomy, auto_runs)
+    if not args.quick:
+        fused_flags = ["--engine-mode", "fused", "--max-concurrency", "8", "--max-queue", "64"]
+        fused_flags += ["--cache-max-entries", "8"]
+        figures["fused"] = with_server(args.threads, args.bundle, fused_flags, mixed_runs("fused"))
+        unfused_flags = ["--engine-mode", "unfused", *roomy]
+        figures["unfused"] = with_server(
+            args.threads, args.bundle, unfused_flags, mixed_runs("unfused")
+        )
+
+    auto = figures["auto"]
+    for count in client_counts:
+        mixed = auto[f"mixed_{count}"]["tokens_per_s"]
+        figures[f"mixed_to_single_ratio_{count}"] = mixed / auto[f"single_{count}"]["tokens_per_s"]
+        figures[f"mixed_to_one_client_ratio_{count}"] = mixed / auto["one_client"]["tokens_per_s"]
+    command = "python -m benchmarks.concurrency " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    path = write_result("concurrency", figures, command.strip())
+    ratios = {k: round(v, 3) for k, v in figures.items() if k.startswith("mixed_to")}
+    print(json.dumps(ratios), file=sys.stderr)
+    print(f"wrote {path}", file=sys.stderr)
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,362 @@
+"""Continuous batching: one decode loop steps every running request, and new ones join between steps.
+
+Requests are grouped by the model that serves them: one group per fused model, and one group for
+the unfused mixed model, whose rows may each ask for different coefficients. Each turn of the
+loop admits waiting requests (one prefill per group for all the requests joining it, their
+prompts padded on the left), then runs one forward pass per group over all of its rows and hands
+every row's logits to that request's :class:`DecodeState`.
+
+The rows of a group share one key/value cache laid out right-aligned: a row whose context is
+shorter than the group's is padded on the left and masked out. When rows leave, the columns
+that only padding still uses are cut off.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from peo_merge.mixed import RowCoefficients
+from server.generation import DecodeState, Finished
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Route:
+    """Which model serves a request, and with which coefficient row (unfused only)."""
+
+    group: Hashable
+    model: torch.nn.Module
+    rows: RowCoefficients | None = None
+    coefficients: list[float] | None = None
+
+
+@dataclass
+class Sequence:
+    """One request inside the decode loop.
+
+    ``emit`` receives text deltas, then a :class:`Finished` or an exception, from the loop's
+    thread; ``on_exit`` runs once after the last item.
+    """
+
+    prompt_ids: list[int]
+    state: DecodeState
+    route: Route
+    emit: Callable[[object], None]
+    on_exit: Callable[[], None]
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = "cancelled"
+    next_token: int | None = None
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        if not self.cancel_event.is_set():
+            self.cancel_reason = reason
+            self.cancel_event.set()
+
+
+def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
+    """Pad the sequence axis (-2) of a key or value tensor with ``columns`` zeros on the left."""
+    return F.pad(tensor, (0, 0, columns, 0)) if columns else tensor
+
+
+class DecodeGroup:
+    """The running rows that one model serves, with their shared key/value cache."""
+
+    def __init__(self, model: torch.nn.Module, rows: RowCoefficients | None):
+        self.model = model
+        self.rows = rows
+        self.device = next(model.parameters()).device
+        self.sequences: list[Sequence] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # batch × cached columns, 1 where a real token is
+        self.positions: torch.Tensor | None = None  # position id of each row's next input token
+        self.coefficients: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def _set_rows(self, coefficients: torch.Tensor | None) -> None:
+        if self.rows is not None:
+            self.rows.set(coefficients)
+
+    def _coefficient_rows(self, sequences: list[Sequence]) -> torch.Tensor | None:
+        if self.rows is None:
+            return None
+        rows = [sequence.route.coefficients for sequence in sequences]
+        return torch.tensor(rows, dtype=torch.float32, device=self.device)
+
+    def prefill(self, sequences: list[Sequence]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """Run the prompts of new requests together, padded on the left to one width.
+
+        Returns:
+            Their cache, their mask (1 where a real token is) and their last logits.
+        """
+        width = max(len(sequence.prompt_ids) for sequence in sequences)
+        ids = torch.zeros(len(sequences), width, dtype=torch.long)
+        mask = torch.zeros(len(sequences), width, dtype=torch.long)
+        for index, sequence in enumerate(sequences):
+            length = len(sequence.prompt_ids)
+            ids[index, width - length :] = torch.tensor(sequence.prompt_ids)
+            mask[index, width - length :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        padded = bool((mask == 0).any())
+        self._set_rows(self._coefficient_rows(sequences))
+        cache = DynamicCache()
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=mask if padded else None,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0) if padded else None,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        return cache, mask, logits
+
+    def join(self, sequences: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Add prefilled requests as new rows, aligning caches on the right."""
+        positions = mask.sum(dim=-1)
+        coefficients = self._coefficient_rows(sequences)
+        if not self.sequences:
+            self.cache, self.mask, self.positions = cache, mask, positions
+            self.coefficients = coefficients
+        else:
+            current, incoming = self.mask.shape[1], mask.shape[1]
+            width = max(current, incoming)
+            for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+                mine.keys = torch.cat(
+                    [
+                        _pad_left(mine.keys, width - current),
+                        _pad_left(theirs.keys, width - incoming),
+                    ]
+                )
+                mine.values = torch.cat(
+                    [
+                        _pad_left(mine.values, width - current),
+                        _pad_left(theirs.values, width - incoming),
+                    ]
+                )
+            self.mask = torch.cat(
+                [F.pad(self.mask, (width - current, 0)), F.pad(mask, (width - incoming, 0))]
+            )
+            self.positions = torch.cat([self.positions, positions])
+            if coefficients is not None:
+                self.coefficients = torch.cat([self.coefficients, coefficients])
+        self.sequences.extend(sequences)
+
+    def step(self) -> torch.Tensor:
+        """Feed every row's next token through the model; return next-token logits (batch × vocab)."""
+        tokens = torch.tensor(
+            [[sequence.next_token] for sequence in self.sequences], device=self.device
+        )
+        mask = F.pad(self.mask, (0, 1), value=1)
+        self._set_rows(self.coefficients)
+        logits = self.model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=self.positions[:, None],
+            cache=self.cache,
+            use_cache=True,
+        ).logits[:, -1]
+        self.mask = mask
+        self.positions = self.positions + 1
+        return logits
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only the rows at ``indices`` and drop the columns no kept row uses."""
+        if len(indices) == len(self.sequences):
+            return
+        self.sequences = [self.sequences[i] for i in indices]
+        if not indices:
+            self.cache = self.mask = self.positions = self.coefficients = None
+            return
+        index = torch.tensor(indices, device=self.device)
+        self.mask = self.mask[index]
+        self.positions = self.positions[index]
+        if self.coefficients is not None:
+            self.coefficients = self.coefficients[index]
+        first_used = int(self.mask.any(dim=0).nonzero()[0])
+        self.mask = self.mask[:, first_used:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, first_used:]
+            layer.values = layer.values[index, :, first_used:]
+
+
+class BatchScheduler:
+    """Runs the decode loop on one thread for every group of running requests.
+
+    Args:
+        max_batch_size: most rows in one group; a request for a full group waits for a row.
+    """
+
+    def __init__(self, max_batch_size: int, on_step: Callable[[int], None] | None = None):
+        self.max_batch_size = max_batch_size
+        self.on_step = on_step
+        self._condition = threading.Condition()
+        self._incoming: deque[Sequence] = deque()
+        self._waiting: deque[Sequence] = deque()
+        self._groups: dict[Hashable, DecodeGroup] = {}
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+        self._thread.start()
+
+    def submit(self, sequence: Sequence) -> None:
+        """Queue a request; it joins its group before the next decode step."""
+        with self._condition:
+            if self._closed:
+                raise RuntimeError("the decode loop is closed")
+            self._incoming.append(sequence)
+            self._condition.notify()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the loop after its current step; requests still running end as ``shutdown``."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+        self._thread.join(timeout)
+
+    def running(self) -> int:
+        """Rows being decoded now (a snapshot)."""
+        return sum(len(group) for group in list(self._groups.values()))
+
+    # the loop
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._closed and not self._incoming and not self._has_work():
+                    self._condition.wait()
+                if self._closed:
+                    break
+                self._waiting.extend(self._incoming)
+                self._incoming.clear()
+            try:
+                self._admit()
+                for key, group in list(self._groups.items()):
+                    if group.sequences:
+                        self._step(key, group)
+                    if not group.sequences:
+                        del self._groups[key]
+            except Exception:  # keep the loop alive whatever one step did
+                logger.exception("decode loop step failed")
+        self._end_all("shutdown")
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting) or any(group.sequences for group in self._groups.values())
+
+    def _admit(self) -> None:
+        """Move waiting requests into their groups while rows are free, one prefill per group."""
+        joining: dict[Hashable, list[Sequence]] = {}
+        still_waiting: deque[Sequence] = deque()
+        while self._waiting:
+            sequence = self._waiting.popleft()
+            if sequence.cancel_event.is_set():
+                self._finish(sequence, sequence.state.stop(sequence.cancel_reason))
+                continue
+            key = sequence.route.group
+            group = self._groups.get(key)
+            if group is None:
+                group = DecodeGroup(sequence.route.model, sequence.route.rows)
+                self._groups[key] = group
+            batch = joining.setdefault(key, [])
+            if len(group) + len(batch) >= self.max_batch_size:
+                still_waiting.append(sequence)
+            else:
+                batch.append(sequence)
+        self._waiting = still_waiting
+
+        for key, sequences in joining.items():
+            if sequences:
+                self._prefill(self._groups[key], sequences)
+
+    def _prefill(self, group: DecodeGroup, sequences: list[Sequence]) -> None:
+        try:
+            with torch.inference_mode():
+                cache, mask, logits = group.prefill(sequences)
+        except Exception as error:
+            logger.exception("prefill failed")
+            for sequence in sequences:
+                self._fail(sequence, error)
+            return
+        first = len(group)
+        group.join(sequences, cache, mask)
+        kept = list(range(first))
+        for index, sequence in enumerate(sequences):
+            token, delta = sequence.state.accept(logits[index])
+            if delta:
+                sequence.emit(delta)
+            if token is None:
+                self._finish(sequence, "")
+            else:
+                sequence.next_token = token
+                kept.append(first + index)
+        group.keep(kept)
+
+    def _step(self, key: Hashable, group: DecodeGroup) -> None:
+        # requests cancelled since the last step leave before it
+        kept = []
+        for index, sequence in enumerate(group.sequences):
+            if sequence.cancel_event.is_set():
+                self._finish(sequence, sequence.state.stop(sequence.cancel_reason))
+            else:
+                kept.append(index)
+        group.keep(kept)
+        if not group.sequences:
+            return
+
+        try:
+            with torch.inference_mode():
+                logits = group.step()
+        except Exception as error:
+            logger.exception("decode step failed for group %s", key)
+            for sequence in group.sequences:
+                self._fail(sequence, error)
+            group.keep([])
+            return
+        if self.on_step is not None:
+            self.on_step(len(group))
+
+        kept = []
+        for index, sequence in enumerate(group.sequences):
+            token, delta = sequence.state.accept(logits[index])
+            if delta:
+                sequence.emit(delta)
+            if token is None:
+                self._finish(sequence, "")
+            else:
+                sequence.next_token = token
+                kept.append(index)
+        group.keep(kept)
+
+    def _finish(self, sequence: Sequence, delta: str) -> None:
+        if delta:
+            sequence.emit(delta)
+        sequence.emit(sequence.state.finished())
+        sequence.on_exit()
+
+    def _fail(self, sequence: Sequence, error: Exception) -> None:
+        sequence.state.finish_reason = "error"
+        sequence.emit(error)
+        sequence.on_exit()
+
+    def _end_all(self, reason: str) -> None:
+        with self._condition:
+            pending = list(self._incoming) + list(self._waiting)
+            self._incoming.clear()
+            self._waiting.clear()
+        for group in self._groups.values():
+            pending.extend(group.sequences)
+            group.keep([])
+        self._groups.clear()
+        for sequence in pending:
+            self._finish(sequence, sequence.state.stop(reason))
+
+
+__all__ = ["BatchScheduler", "DecodeGroup", "Finished", "Route", "Sequence"]

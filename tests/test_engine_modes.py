@@ -1,0 +1,91 @@
+"""Fused, unfused and auto engine modes on real server processes with the committed bundle."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import pytest
+
+from tests.conftest import ServerProcess
+from tests.test_faults import metric_value
+
+PROMPT = "What should I pack for a weekend hiking trip?"
+REQUESTS = [
+    {"preference": 1.0},
+    {"preference": 0.0},
+    {"coefficients": {"helpfulness": 1.5, "harmlessness": -0.5}},
+    {"coefficients": {"helpfulness": -0.5, "harmlessness": 0.0}},
+]
+
+
+@pytest.fixture(scope="module")
+def fused_server():
+    process = ServerProcess("--engine-mode", "fused")
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def unfused_server():
+    process = ServerProcess("--engine-mode", "unfused")
+    yield process
+    process.stop()
+
+
+def generate(url: str, body: dict) -> dict:
+    payload = {"prompt": PROMPT, "max_new_tokens": 24, "temperature": 0.0} | body
+    response = httpx.post(url + "/generate", json=payload, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.mark.parametrize("body", REQUESTS, ids=["pref-1", "pref-0", "extrapolate", "negative"])
+def test_fused_and_unfused_give_the_same_tokens(fused_server, unfused_server, body):
+    fused = generate(fused_server.url, body)
+    unfused = generate(unfused_server.url, body)
+    assert fused["engine"] == "fused" and fused["cache"] in ("hit", "miss")
+    assert unfused["engine"] == "unfused" and unfused["cache"] == "bypass"
+    assert unfused["timings"]["fusion"] == 0.0
+    assert fused["coefficients"] == unfused["coefficients"]
+    assert fused["usage"]["completion_tokens"] > 0
+    assert fused["text"] == unfused["text"]
+
+
+def test_unfused_server_builds_no_fused_model(unfused_server):
+    info = httpx.get(unfused_server.url + "/info").json()
+    assert info["engine_mode"] == "unfused"
+    assert info["cache"]["entries"] == 0
+    # two rank-8 vectors over seven projections of 30 layers, kept in fp32
+    assert info["unfused_factor_bytes"] == 2 * sum(
+        vector["bytes"] for vector in info["bundle"]["vectors"].values()
+    )
+
+
+def test_auto_mode_batches_mixed_preferences_unfused(server):
+    """Concurrent requests with distinct preferences share decode steps on the unfused path."""
+    before = httpx.get(server.url + "/metrics").text
+    steps_before = metric_value(before, "peo_decode_batch_size_count") or 0.0
+    single_before = metric_value(before, 'peo_decode_batch_size_bucket{le="1.0"}') or 0.0
+
+    bodies = [
+        {"preference": preference, "max_new_tokens": 48, "ignore_eos": True}
+        for preference in (0.11, 0.33, 0.55, 0.77)
+    ]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        results = list(pool.map(lambda body: generate(server.url, body), bodies))
+
+    engines = [result["engine"] for result in results]
+    assert "unfused" in engines, engines
+    assert all(result["usage"]["completion_tokens"] == 48 for result in results)
+    after = httpx.get(server.url + "/metrics").text
+    steps = metric_value(after, "peo_decode_batch_size_count") - steps_before
+    single = metric_value(after, 'peo_decode_batch_size_bucket{le="1.0"}') - single_before
+    assert single < steps, "no decode step held more than one row"
+    assert metric_value(after, 'peo_engine_requests_total{engine="unfused"}') >= 1
+
+
+def test_auto_mode_keeps_a_lone_request_fused(server):
+    result = generate(server.url, {"preference": 0.9})
+    assert result["engine"] == "fused"
+    assert result["cache"] in ("hit", "miss")
