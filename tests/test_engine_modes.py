@@ -34,7 +34,11 @@ def unfused_server():
 
 
 def generate(url: str, body: dict) -> dict:
-    payload = {"prompt": PROMPT, "max_new_tokens": 24, "temperature": 0.0} | body
+    payload = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_new_tokens": 24,
+        "temperature": 0.0,
+    } | body
     response = httpx.post(url + "/generate", json=payload, timeout=120)
     assert response.status_code == 200, response.text
     return response.json()
