@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bundle", default=os.environ.get("PEO_BUNDLE", str(DEFAULT_BUNDLE)))
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="server torch threads")
     args = parser.parse_args(argv)
-    new_tokens = 16 if args.quick else 48
+    new_tokens = 32 if args.quick else 64
     rounds = 1 if args.quick else 2
     client_counts = [8] if args.quick else [8, 32]
     roomy = ["--max-concurrency", "32", "--max-batch-size", "32", "--max-queue", "64"]

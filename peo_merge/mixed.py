@@ -25,6 +25,10 @@ from peo_merge.task_vector import TaskVector
 class RowCoefficients:
     """The per-row coefficients that every mixed layer of one model reads.
 
+    Layers whose vectors have the same ranks and scalings share a layout; :meth:`set` turns the
+    coefficient rows into one per-rank scale matrix per layout, once per forward pass instead of
+    once per layer.
+
     Args:
         vector_names: the column order of the coefficient matrix.
     """
@@ -32,6 +36,21 @@ class RowCoefficients:
     def __init__(self, vector_names: list[str]):
         self.vector_names = list(vector_names)
         self.values: torch.Tensor | None = None
+        self.scales: dict[tuple, torch.Tensor] = {}
+        self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.dtype]] = {}
+
+    def layout(
+        self, columns: list[int], scalings: list[float], device: torch.device, dtype: torch.dtype
+    ) -> tuple:
+        """Register a layer's rank layout (vector column and scaling per rank component)."""
+        key = (tuple(columns), tuple(scalings), str(device), dtype)
+        if key not in self._layouts:
+            self._layouts[key] = (
+                torch.tensor(columns, dtype=torch.long, device=device),
+                torch.tensor(scalings, dtype=torch.float32, device=device),
+                dtype,
+            )
+        return key
 
     def row(self, coefficients: dict[str, float]) -> list[float]:
         """Return one coefficient row in column order; a missing name counts as 0."""
@@ -48,6 +67,10 @@ class RowCoefficients:
                 f"got {tuple(rows.shape)}"
             )
         self.values = rows
+        self.scales = {
+            key: (rows.to(columns.device)[:, columns] * scalings).to(dtype)
+            for key, (columns, scalings, dtype) in self._layouts.items()
+        }
 
 
 class MixedLinear(nn.Module):
@@ -94,14 +117,7 @@ class MixedLinear(nn.Module):
         self.register_buffer(
             "lora_b", torch.cat(b_parts, dim=1) if b_parts else None, persistent=False
         )
-        self.register_buffer(
-            "rank_columns", torch.tensor(columns, dtype=torch.long, device=device), persistent=False
-        )
-        self.register_buffer(
-            "rank_scalings",
-            torch.tensor(scalings, dtype=torch.float32, device=device),
-            persistent=False,
-        )
+        self.layout = rows.layout(columns, scalings, device, dtype) if columns else None
         self.dense_deltas = dense_parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,9 +130,10 @@ class MixedLinear(nn.Module):
         # one scale per batch row and rank component, broadcast over the sequence axis
         extra_dims = (1,) * (x.dim() - 2)
         if self.lora_a is not None:
-            scale = (rows[:, self.rank_columns] * self.rank_scalings).to(x.dtype)
-            hidden = F.linear(x, self.lora_a) * scale.view(x.shape[0], *extra_dims, -1)
-            y = y + F.linear(hidden, self.lora_b)
+            scale = self.rows.scales[self.layout].to(x.dtype)
+            hidden = F.linear(x, self.lora_a).mul_(scale.view(x.shape[0], *extra_dims, -1))
+            out_features = y.shape[-1]
+            y.view(-1, out_features).addmm_(hidden.view(-1, hidden.shape[-1]), self.lora_b.t())
         for column, delta in zip(self.dense_columns, self.dense_deltas, strict=True):
             scale = rows[:, column].to(x.dtype).view(x.shape[0], *extra_dims, 1)
             y = y + scale * F.linear(x, delta)

@@ -292,8 +292,20 @@ async def start_generation(
         state.jobs.discard(job)
 
     try:
+        # in auto mode a fused request may move to the unfused batch once preferences mix
+        unfused_route = None
+        if path == "fused" and state.settings.engine_mode == "auto" and engine.mixed_model:
+            unfused_route = engine.unfused_route(key)
         job = GenerationJob(
-            engine, state.scheduler, route, lease, prompt_ids, params, on_done, request_id
+            engine,
+            state.scheduler,
+            route,
+            lease,
+            prompt_ids,
+            params,
+            on_done,
+            request_id,
+            unfused_route=unfused_route,
         )
     except RuntimeError as error:  # the decode loop has closed for shutdown
         if lease is not None:
@@ -346,7 +358,7 @@ def finish_response(state: ServerState, known: dict, finished: Finished) -> dict
             "total": round(now - known["arrived"], 6),
         },
         cache=known["cache"],
-        engine=known["engine"],
+        engine=finished.engine or known["engine"],
     )
     return response.model_dump()
 

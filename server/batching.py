@@ -13,6 +13,7 @@ that only padding still uses are cut off.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections import deque
@@ -55,6 +56,10 @@ class Sequence:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "cancelled"
     next_token: int | None = None
+    # where a fused request may move once requests with other preferences are decoded unfused;
+    # ``on_move`` runs after the move (the fused model is no longer used)
+    unfused_route: Route | None = None
+    on_move: Callable[[], None] | None = None
 
     def cancel(self, reason: str = "cancelled") -> None:
         if not self.cancel_event.is_set():
@@ -169,6 +174,22 @@ class DecodeGroup:
         self.positions = self.positions + 1
         return logits
 
+    def take(self, indices: list[int]) -> tuple[list[Sequence], DynamicCache, torch.Tensor]:
+        """Remove the rows at ``indices`` and return them with their cache and mask."""
+        index = torch.tensor(indices, device=self.device)
+        mask = self.mask[index]
+        first_used = int(mask.any(dim=0).nonzero()[0])
+        mask = mask[:, first_used:]
+        cache = copy.copy(self.cache)
+        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+        for layer in cache.layers:
+            layer.keys = layer.keys[index, :, first_used:]
+            layer.values = layer.values[index, :, first_used:]
+        sequences = [self.sequences[i] for i in indices]
+        taken = set(indices)
+        self.keep([i for i in range(len(self.sequences)) if i not in taken])
+        return sequences, cache, mask
+
     def keep(self, indices: list[int]) -> None:
         """Keep only the rows at ``indices`` and drop the columns no kept row uses."""
         if len(indices) == len(self.sequences):
@@ -196,9 +217,15 @@ class BatchScheduler:
         max_batch_size: most rows in one group; a request for a full group waits for a row.
     """
 
-    def __init__(self, max_batch_size: int, on_step: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        max_batch_size: int,
+        on_step: Callable[[int], None] | None = None,
+        on_move: Callable[[int], None] | None = None,
+    ):
         self.max_batch_size = max_batch_size
         self.on_step = on_step
+        self.on_move = on_move
         self._condition = threading.Condition()
         self._incoming: deque[Sequence] = deque()
         self._waiting: deque[Sequence] = deque()
@@ -239,6 +266,7 @@ class BatchScheduler:
                 self._incoming.clear()
             try:
                 self._admit()
+                self._move_to_unfused()
                 for key, group in list(self._groups.items()):
                     if group.sequences:
                         self._step(key, group)
@@ -275,6 +303,37 @@ class BatchScheduler:
         for key, sequences in joining.items():
             if sequences:
                 self._prefill(self._groups[key], sequences)
+
+    def _move_to_unfused(self) -> None:
+        """While the unfused group runs, move fused rows that allow it into that group.
+
+        Two groups cost two forward passes per step; one batch of all rows costs about one.
+        """
+        unfused = [(key, g) for key, g in self._groups.items() if g.rows is not None and len(g)]
+        if not unfused:
+            return
+        target_key, target = unfused[0]
+        for key, group in list(self._groups.items()):
+            if group is target or group.rows is not None or not len(group):
+                continue
+            room = self.max_batch_size - len(target)
+            movable = [
+                index
+                for index, sequence in enumerate(group.sequences)
+                if sequence.unfused_route is not None
+                and sequence.unfused_route.group == target_key
+            ][:room]
+            if not movable:
+                continue
+            sequences, cache, mask = group.take(movable)
+            for sequence in sequences:
+                sequence.route = sequence.unfused_route
+            target.join(sequences, cache, mask)
+            for sequence in sequences:
+                if sequence.on_move is not None:
+                    sequence.on_move()
+            if self.on_move is not None:
+                self.on_move(len(sequences))
 
     def _prefill(self, group: DecodeGroup, sequences: list[Sequence]) -> None:
         try:

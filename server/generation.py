@@ -33,6 +33,7 @@ class Finished:
     completion_tokens: int
     time_to_first_token: float | None
     token_ids: list[int] = field(default_factory=list)
+    engine: str | None = None  # the path that served the last token, set by the server
 
 
 def sample_token(

@@ -82,6 +82,11 @@ class Metrics:
             ["engine"],
             registry=registry,
         )
+        self.rows_moved = Counter(
+            "peo_rows_moved_to_unfused",
+            "Running fused generations moved into the unfused batch once preferences mixed",
+            registry=registry,
+        )
         self.batch_size = Histogram(
             "peo_decode_batch_size",
             "Rows in each decode step of one model",

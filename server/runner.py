@@ -21,8 +21,8 @@ class GenerationJob:
     """One request running in the decode loop.
 
     The job owns the lease on its fused model (none on the unfused path). When the request
-    leaves the decode loop for any reason, the lease is released and ``on_done`` runs on the
-    event loop. So a slot and a pin are freed only once the model is no longer in use, even when
+    leaves its fused model (it finished, or moved to the unfused batch), the lease is released;
+    when it leaves the decode loop for any reason, ``on_done`` runs on the event loop. So a slot and a pin are freed only once the model is no longer in use, even when
     the client went away mid-stream.
     """
 
@@ -36,6 +36,7 @@ class GenerationJob:
         params: SamplingParams,
         on_done: Callable[[], None],
         request_id: str,
+        unfused_route: Route | None = None,
     ):
         self.request_id = request_id
         self._loop = asyncio.get_running_loop()
@@ -51,11 +52,14 @@ class GenerationJob:
             route,
             emit=self._put,
             on_exit=self._exit,
+            unfused_route=unfused_route,
+            on_move=self._release_lease,
         )
         scheduler.submit(self.sequence)
 
     def _put(self, item) -> None:
         if isinstance(item, Finished):
+            item.engine = self.engine
             self.finish_reason = item.finish_reason
             self.completion_tokens = item.completion_tokens
         elif isinstance(item, Exception):
@@ -67,9 +71,19 @@ class GenerationJob:
             # the event loop is closed, so no reader is left for the output
             self.sequence.cancel()
 
-    def _exit(self) -> None:
+    def _release_lease(self) -> None:
+        # on the decode loop's thread, when the request leaves its fused model
         if self._lease is not None:
             self._lease.release()
+            self._lease = None
+
+    @property
+    def engine(self) -> str:
+        """The path serving the request now: ``unfused`` once it moved there."""
+        return "unfused" if self.sequence.route.rows is not None else "fused"
+
+    def _exit(self) -> None:
+        self._release_lease()
         try:
             self._loop.call_soon_threadsafe(self._done)
         except RuntimeError:

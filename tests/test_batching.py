@@ -342,3 +342,40 @@ def test_padded_prefill_of_different_lengths_gives_solo_tokens(real):
                 tokens[row].append(sequence.next_token)
             logits = group.step()
     assert tokens == expected
+
+
+def test_fused_rows_move_into_the_running_unfused_batch(real):
+    """A fused request moves to the unfused group once it runs, and keeps its solo tokens."""
+    tokenizer = real["tokenizer"]
+    params = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    pairs = [PAIRS[0], PAIRS[1]]
+    fused = fused_model_for(real, pairs[0])
+    ids = [tokenizer(PROMPTS[i])["input_ids"] for i in (1, 3)]
+    expected = [
+        solo_tokens(fused, real, ids[0], params),
+        solo_tokens(real["mixed"], real, ids[1], params, real["rows"], coefficient_row(real, pairs[1])),
+    ]
+
+    moved, steps = [], []
+    scheduler = BatchScheduler(max_batch_size=8, on_step=steps.append, on_move=moved.append)
+    collector = Collector(2)
+    released = threading.Event()
+    try:
+        first = collector.sequence(0, ids[0], params, Route(("fused", pairs[0]), fused), real)
+        first.unfused_route = Route(
+            "unfused", real["mixed"], real["rows"], coefficient_row(real, pairs[0])
+        )
+        first.on_move = released.set
+        scheduler.submit(first)
+        while len(collector.deltas[0]) < 3:
+            time.sleep(0.01)
+        route = Route("unfused", real["mixed"], real["rows"], coefficient_row(real, pairs[1]))
+        scheduler.submit(collector.sequence(1, ids[1], params, route, real))
+        collector.wait(2)
+    finally:
+        scheduler.close(10)
+    assert moved == [1]
+    assert released.is_set()
+    assert first.route.group == "unfused"
+    assert [collector.finished[i].token_ids for i in range(2)] == expected
+    assert 2 in steps
