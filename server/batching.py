@@ -313,15 +313,14 @@ class BatchScheduler:
         if not unfused:
             return
         target_key, target = unfused[0]
-        for key, group in list(self._groups.items()):
+        for group in list(self._groups.values()):
             if group is target or group.rows is not None or not len(group):
                 continue
             room = self.max_batch_size - len(target)
             movable = [
                 index
                 for index, sequence in enumerate(group.sequences)
-                if sequence.unfused_route is not None
-                and sequence.unfused_route.group == target_key
+                if sequence.unfused_route is not None and sequence.unfused_route.group == target_key
             ][:room]
             if not movable:
                 continue

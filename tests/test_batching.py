@@ -353,7 +353,9 @@ def test_fused_rows_move_into_the_running_unfused_batch(real):
     ids = [tokenizer(PROMPTS[i])["input_ids"] for i in (1, 3)]
     expected = [
         solo_tokens(fused, real, ids[0], params),
-        solo_tokens(real["mixed"], real, ids[1], params, real["rows"], coefficient_row(real, pairs[1])),
+        solo_tokens(
+            real["mixed"], real, ids[1], params, real["rows"], coefficient_row(real, pairs[1])
+        ),
     ]
 
     moved, steps = [], []
