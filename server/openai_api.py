@@ -310,6 +310,7 @@ def _peo_extras(done: dict) -> dict:
         "preference": done["preference"],
         "coefficients": done["coefficients"],
         "cache": done["cache"],
+        "engine": done["engine"],
         "finish_reason": done["finish_reason"],
         "timings": done["timings"],
     }
