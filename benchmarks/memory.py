@@ -2,7 +2,8 @@
 
 Run as ``python -m benchmarks.memory [--quick]``. It builds fused models the way the server's
 cache does and counts the bytes each one owns (tensors not shared with the base), then compares
-the total for N preferences with keeping one full model copy per preference. The process's
+the total for N preferences with keeping one full model copy per preference. It also builds the
+unfused model, which serves every preference at once, and counts what it owns. The process's
 resident set size is read from ``/proc/self/status`` before and after, as a cross-check.
 """
 
@@ -20,6 +21,7 @@ from peo_merge.base_model import load_base_model, resolve_base_model
 from peo_merge.bundle import load_bundle
 from peo_merge.fused_model import base_state, build_fused_model
 from peo_merge.fusion import Fuser
+from peo_merge.mixed import build_mixed_model
 from server.settings import DEFAULT_BUNDLE
 
 
@@ -86,6 +88,11 @@ def main(argv: list[str] | None = None) -> dict:
     rss_after = resident_bytes()
     entry_bytes = [owned_bytes(fused, base_pointers) for fused in models]
 
+    # the unfused model: shares every base tensor, owns the factors
+    mixed, _ = build_mixed_model(model, bundle.vectors)
+    unfused_bytes = owned_bytes(mixed, base_pointers)
+    del mixed
+
     full_copy_bytes = base_bytes
     ours = base_bytes + fuser.nbytes() + sum(entry_bytes)
     figures = {
@@ -100,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
         "total_ours_bytes": ours,
         "total_full_copies_bytes": count * full_copy_bytes,
         "ours_to_full_copies_ratio": ours / (count * full_copy_bytes),
+        "unfused_owned_bytes": unfused_bytes,
+        "total_unfused_bytes": base_bytes + unfused_bytes,
         "rss_growth_bytes": rss_after - rss_before,
         "rss_growth_per_entry_bytes": (rss_after - rss_before) / count,
         "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
