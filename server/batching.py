@@ -327,7 +327,13 @@ class BatchScheduler:
             sequences, cache, mask = group.take(movable)
             for sequence in sequences:
                 sequence.route = sequence.unfused_route
-            target.join(sequences, cache, mask)
+            try:
+                target.join(sequences, cache, mask)
+            except Exception as error:  # out of memory, say: these requests fail, not the loop
+                logger.exception("moving %d rows to the unfused batch failed", len(sequences))
+                for sequence in sequences:
+                    self._fail(sequence, error)
+                continue
             for sequence in sequences:
                 if sequence.on_move is not None:
                     sequence.on_move()
