@@ -72,6 +72,13 @@ def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
     return F.pad(tensor, (0, 0, columns, 0)) if columns else tensor
 
 
+def _stack_right(first: torch.Tensor, second: torch.Tensor, width: int) -> torch.Tensor:
+    """Stack two key or value tensors along the batch axis, right-aligned to ``width`` columns."""
+    return torch.cat(
+        [_pad_left(first, width - first.shape[-2]), _pad_left(second, width - second.shape[-2])]
+    )
+
+
 class DecodeGroup:
     """The running rows that one model serves, with their shared key/value cache."""
 
@@ -135,19 +142,16 @@ class DecodeGroup:
         else:
             current, incoming = self.mask.shape[1], mask.shape[1]
             width = max(current, incoming)
-            for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-                mine.keys = torch.cat(
-                    [
-                        _pad_left(mine.keys, width - current),
-                        _pad_left(theirs.keys, width - incoming),
-                    ]
+            # build every tensor first, so that a failure leaves the group as it was
+            merged = [
+                (
+                    _stack_right(mine.keys, theirs.keys, width),
+                    _stack_right(mine.values, theirs.values, width),
                 )
-                mine.values = torch.cat(
-                    [
-                        _pad_left(mine.values, width - current),
-                        _pad_left(theirs.values, width - incoming),
-                    ]
-                )
+                for mine, theirs in zip(self.cache.layers, cache.layers, strict=True)
+            ]
+            for layer, (keys, values) in zip(self.cache.layers, merged, strict=True):
+                layer.keys, layer.values = keys, values
             self.mask = torch.cat(
                 [F.pad(self.mask, (width - current, 0)), F.pad(mask, (width - incoming, 0))]
             )
