@@ -26,8 +26,8 @@ class RowCoefficients:
     """The per-row coefficients that every mixed layer of one model reads.
 
     Layers whose vectors have the same ranks and scalings share a layout; :meth:`set` turns the
-    coefficient rows into one per-rank scale matrix per layout, once per forward pass instead of
-    once per layer.
+    coefficient rows into one fp32 per-rank scale matrix per layout, once per forward pass
+    instead of once per layer.
 
     Args:
         vector_names: the column order of the coefficient matrix.
@@ -37,18 +37,15 @@ class RowCoefficients:
         self.vector_names = list(vector_names)
         self.values: torch.Tensor | None = None
         self.scales: dict[tuple, torch.Tensor] = {}
-        self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.dtype]] = {}
+        self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def layout(
-        self, columns: list[int], scalings: list[float], device: torch.device, dtype: torch.dtype
-    ) -> tuple:
+    def layout(self, columns: list[int], scalings: list[float], device: torch.device) -> tuple:
         """Register a layer's rank layout (vector column and scaling per rank component)."""
-        key = (tuple(columns), tuple(scalings), str(device), dtype)
+        key = (tuple(columns), tuple(scalings), str(device))
         if key not in self._layouts:
             self._layouts[key] = (
                 torch.tensor(columns, dtype=torch.long, device=device),
                 torch.tensor(scalings, dtype=torch.float32, device=device),
-                dtype,
             )
         return key
 
@@ -68,8 +65,8 @@ class RowCoefficients:
             )
         self.values = rows
         self.scales = {
-            key: (rows.to(columns.device)[:, columns] * scalings).to(dtype)
-            for key, (columns, scalings, dtype) in self._layouts.items()
+            key: rows.to(columns.device, torch.float32)[:, columns] * scalings
+            for key, (columns, scalings) in self._layouts.items()
         }
 
 
@@ -117,7 +114,7 @@ class MixedLinear(nn.Module):
         self.register_buffer(
             "lora_b", torch.cat(b_parts, dim=1) if b_parts else None, persistent=False
         )
-        self.layout = rows.layout(columns, scalings, device, dtype) if columns else None
+        self.layout = rows.layout(columns, scalings, device) if columns else None
         self.dense_deltas = dense_parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,8 +127,12 @@ class MixedLinear(nn.Module):
         # one scale per batch row and rank component, broadcast over the sequence axis
         extra_dims = (1,) * (x.dim() - 2)
         if self.lora_a is not None:
-            scale = self.rows.scales[self.layout].to(x.dtype)
-            hidden = F.linear(x, self.lora_a).mul_(scale.view(x.shape[0], *extra_dims, -1))
+            scale = self.rows.scales[self.layout].view(x.shape[0], *extra_dims, -1)
+            hidden = F.linear(x, self.lora_a)
+            if hidden.dtype == torch.float32:
+                hidden.mul_(scale)
+            else:  # scale in fp32 as fusion does, then round once
+                hidden = (hidden.float() * scale).to(x.dtype)
             out_features = y.shape[-1]
             y.view(-1, out_features).addmm_(hidden.view(-1, hidden.shape[-1]), self.lora_b.t())
         for column, delta in zip(self.dense_columns, self.dense_deltas, strict=True):

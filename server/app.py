@@ -15,10 +15,11 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.admission import Admission, OverloadedError
-from server.batching import BatchScheduler
+from server.batching import BatchScheduler, LoopClosedError
 from server.cache import CacheFullError
 from server.engine import Engine, RequestError
 from server.generation import Finished, SamplingParams
@@ -124,13 +125,16 @@ class ServerState:
 
         In ``auto`` mode a request takes the fused path while every generation in flight asks
         for the same pair (a fused model decodes fastest), and the unfused path as soon as
-        preferences mix, so that one batch serves them all instead of one batch per pair.
+        preferences mix or an unfused batch is running, so that one batch serves them all
+        instead of one batch per pair.
         """
         mode = self.settings.engine_mode
         if mode != "auto":
             return mode
         if self.engine.mixed_model is None:
             return "fused"
+        if any(job.engine == "unfused" for job in self.jobs):
+            return "unfused"
         others = any(other != key for other, count in self.active_keys.items() if count)
         return "unfused" if others else "fused"
 
@@ -251,47 +255,41 @@ async def start_generation(
     # already see its pair
     path = state.choose_path(key)
     state.active_keys[key] += 1
-    lease = None
-    if path == "fused":
-        try:
-            with anyio.CancelScope(shield=True):
-                lease = await anyio.to_thread.run_sync(engine.acquire, key)
-        except CacheFullError as error:
-            state.forget_key(key)
-            state.admission.release()
-            raise RequestError(503, "overloaded", str(error)) from error
-        except Exception as error:
-            state.forget_key(key)
-            state.admission.release()
-            logger.exception("fusion failed for request %s, coefficients %s", request_id, key)
-            raise RequestError(
-                500, "fusion_failed", f"fusion of coefficients {key} failed: {error}"
-            ) from error
-        route = engine.fused_route(key, lease.value)
-        cache_state = "hit" if lease.hit else "miss"
-        if lease.hit:
-            state.metrics.cache_hits.inc()
-        else:
-            state.metrics.cache_misses.inc()
-            state.metrics.fusion_duration.observe(lease.fusion_seconds)
-        state.refresh_cache_gauges()
-    else:
-        route = engine.unfused_route(key)
-        cache_state = "bypass"
-    fusion_seconds = lease.fusion_seconds if lease is not None else 0.0
-    state.metrics.engine_requests.labels(engine=path).inc()
     state.metrics.in_flight.inc()
-    state.metrics.prompt_tokens.inc(len(prompt_ids))
-
-    def on_done() -> None:
-        state.metrics.generations_finished.labels(reason=job.finish_reason or "error").inc()
-        state.metrics.generated_tokens.inc(job.completion_tokens)
-        state.admission.release()
-        state.metrics.in_flight.dec()
-        state.forget_key(key)
-        state.jobs.discard(job)
-
+    lease = None
     try:
+        if path == "fused":
+            try:
+                with anyio.CancelScope(shield=True):
+                    lease = await anyio.to_thread.run_sync(engine.acquire, key)
+            except CacheFullError as error:
+                raise RequestError(503, "overloaded", str(error)) from error
+            except Exception as error:
+                logger.exception("fusion failed for request %s, coefficients %s", request_id, key)
+                raise RequestError(
+                    500, "fusion_failed", f"fusion of coefficients {key} failed: {error}"
+                ) from error
+            route = engine.fused_route(key, lease.value)
+            cache_state = "hit" if lease.hit else "miss"
+            if lease.hit:
+                state.metrics.cache_hits.inc()
+            else:
+                state.metrics.cache_misses.inc()
+                state.metrics.fusion_duration.observe(lease.fusion_seconds)
+            state.refresh_cache_gauges()
+        else:
+            route = engine.unfused_route(key)
+            cache_state = "bypass"
+        fusion_seconds = lease.fusion_seconds if lease is not None else 0.0
+
+        def on_done() -> None:
+            state.metrics.generations_finished.labels(reason=job.finish_reason or "error").inc()
+            state.metrics.generated_tokens.inc(job.completion_tokens)
+            state.admission.release()
+            state.metrics.in_flight.dec()
+            state.forget_key(key)
+            state.jobs.discard(job)
+
         # in auto mode a fused request may move to the unfused batch once preferences mix
         unfused_route = None
         if path == "fused" and state.settings.engine_mode == "auto" and engine.mixed_model:
@@ -307,11 +305,18 @@ async def start_generation(
             request_id,
             unfused_route=unfused_route,
         )
-    except RuntimeError as error:  # the decode loop has closed for shutdown
+    except BaseException as error:
+        # the request never reached the decode loop: undo its bookkeeping
         if lease is not None:
             lease.release()
-        on_done_without_job(state, key)
-        raise RequestError(503, "overloaded", f"server is shutting down: {error}") from error
+        state.admission.release()
+        state.metrics.in_flight.dec()
+        state.forget_key(key)
+        if isinstance(error, LoopClosedError):
+            raise RequestError(503, "overloaded", "server is shutting down") from error
+        raise
+    state.metrics.engine_requests.labels(engine=path).inc()
+    state.metrics.prompt_tokens.inc(len(prompt_ids))
     state.jobs.add(job)
     known = {
         "request_id": request_id,
@@ -325,13 +330,6 @@ async def start_generation(
         "arrived": arrived,
     }
     return job, known
-
-
-def on_done_without_job(state: ServerState, key: tuple[float, float]) -> None:
-    """Undo the bookkeeping of a request that was admitted but never reached the decode loop."""
-    state.admission.release()
-    state.metrics.in_flight.dec()
-    state.forget_key(key)
 
 
 def finish_response(state: ServerState, known: dict, finished: Finished) -> dict:
@@ -509,6 +507,8 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
                 stream_events(state, job, known),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                # runs however the response ends, even when the client left before the first byte
+                background=BackgroundTask(job.cancel, "cancelled"),
             )
 
         finished = await wait_for_result(request, job)

@@ -30,6 +30,10 @@ from server.generation import DecodeState, Finished
 logger = logging.getLogger(__name__)
 
 
+class LoopClosedError(RuntimeError):
+    """The decode loop has stopped for shutdown and takes no more requests."""
+
+
 @dataclass
 class Route:
     """Which model serves a request, and with which coefficient row (unfused only)."""
@@ -150,14 +154,17 @@ class DecodeGroup:
                 )
                 for mine, theirs in zip(self.cache.layers, cache.layers, strict=True)
             ]
-            for layer, (keys, values) in zip(self.cache.layers, merged, strict=True):
-                layer.keys, layer.values = keys, values
-            self.mask = torch.cat(
+            merged_mask = torch.cat(
                 [F.pad(self.mask, (width - current, 0)), F.pad(mask, (width - incoming, 0))]
             )
-            self.positions = torch.cat([self.positions, positions])
-            if coefficients is not None:
-                self.coefficients = torch.cat([self.coefficients, coefficients])
+            merged_positions = torch.cat([self.positions, positions])
+            merged_coefficients = (
+                torch.cat([self.coefficients, coefficients]) if coefficients is not None else None
+            )
+            for layer, (keys, values) in zip(self.cache.layers, merged, strict=True):
+                layer.keys, layer.values = keys, values
+            self.mask, self.positions = merged_mask, merged_positions
+            self.coefficients = merged_coefficients
         self.sequences.extend(sequences)
 
     def step(self) -> torch.Tensor:
@@ -242,7 +249,7 @@ class BatchScheduler:
         """Queue a request; it joins its group before the next decode step."""
         with self._condition:
             if self._closed:
-                raise RuntimeError("the decode loop is closed")
+                raise LoopClosedError("the decode loop is closed")
             self._incoming.append(sequence)
             self._condition.notify()
 
@@ -345,27 +352,40 @@ class BatchScheduler:
                 self.on_move(len(sequences))
 
     def _prefill(self, group: DecodeGroup, sequences: list[Sequence]) -> None:
+        first = len(group)
         try:
             with torch.inference_mode():
                 cache, mask, logits = group.prefill(sequences)
+            group.join(sequences, cache, mask)
         except Exception as error:
             logger.exception("prefill failed")
             for sequence in sequences:
                 self._fail(sequence, error)
             return
-        first = len(group)
-        group.join(sequences, cache, mask)
         kept = list(range(first))
         for index, sequence in enumerate(sequences):
-            token, delta = sequence.state.accept(logits[index])
-            if delta:
-                sequence.emit(delta)
-            if token is None:
-                self._finish(sequence, "")
-            else:
-                sequence.next_token = token
+            if self._advance(sequence, logits[index]):
                 kept.append(first + index)
         group.keep(kept)
+
+    def _advance(self, sequence: Sequence, logits: torch.Tensor) -> bool:
+        """Hand one row its logits; return whether it stays in its group.
+
+        A failure here (non-finite logits that cannot be sampled, say) fails this request only.
+        """
+        try:
+            token, delta = sequence.state.accept(logits)
+            if delta:
+                sequence.emit(delta)
+        except Exception as error:
+            logger.exception("sampling failed")
+            self._fail(sequence, error)
+            return False
+        if token is None:
+            self._finish(sequence, "")
+            return False
+        sequence.next_token = token
+        return True
 
     def _step(self, key: Hashable, group: DecodeGroup) -> None:
         # requests cancelled since the last step leave before it
@@ -391,16 +411,11 @@ class BatchScheduler:
         if self.on_step is not None:
             self.on_step(len(group))
 
-        kept = []
-        for index, sequence in enumerate(group.sequences):
-            token, delta = sequence.state.accept(logits[index])
-            if delta:
-                sequence.emit(delta)
-            if token is None:
-                self._finish(sequence, "")
-            else:
-                sequence.next_token = token
-                kept.append(index)
+        kept = [
+            index
+            for index, sequence in enumerate(group.sequences)
+            if self._advance(sequence, logits[index])
+        ]
         group.keep(kept)
 
     def _finish(self, sequence: Sequence, delta: str) -> None:
@@ -427,4 +442,4 @@ class BatchScheduler:
             self._finish(sequence, sequence.state.stop(reason))
 
 
-__all__ = ["BatchScheduler", "DecodeGroup", "Finished", "Route", "Sequence"]
+__all__ = ["BatchScheduler", "DecodeGroup", "Finished", "LoopClosedError", "Route", "Sequence"]

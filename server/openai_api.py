@@ -22,6 +22,7 @@ from typing import Any, Literal
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.background import BackgroundTask
 
 from server.app import (
     ServerState,
@@ -432,6 +433,7 @@ async def _complete(state: ServerState, request: Request, body: OpenAIFields, ch
             _stream_chunks(state, job, known, builder, include_usage),
             media_type="text/event-stream",
             headers=STREAM_HEADERS,
+            background=BackgroundTask(job.cancel, "cancelled"),
         )
 
     finished = await wait_for_result(request, job)

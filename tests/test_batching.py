@@ -381,3 +381,41 @@ def test_fused_rows_move_into_the_running_unfused_batch(real):
     assert first.route.group == "unfused"
     assert [collector.finished[i].token_ids for i in range(2)] == expected
     assert 2 in steps
+
+
+def test_a_row_that_fails_to_sample_fails_alone(real):
+    """One request whose sampling raises fails; the rows beside it finish, each exits once."""
+    tokenizer = real["tokenizer"]
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+
+    class FailsOnThirdToken(DecodeState):
+        def accept(self, logits):
+            if len(self.detokenizer.ids) == 2:
+                raise RuntimeError("probability tensor contains inf or nan")
+            return super().accept(logits)
+
+    exits = []
+    collector = Collector(3)
+    scheduler = BatchScheduler(max_batch_size=8)
+    try:
+        for index in range(3):
+            sequence = collector.sequence(
+                index,
+                tokenizer(PROMPTS[index])["input_ids"],
+                params,
+                Route("base", real["model"]),
+                real,
+            )
+            if index == 1:
+                sequence.state = FailsOnThirdToken(tokenizer, params, real["eos"])
+            release = sequence.on_exit
+            sequence.on_exit = lambda index=index, release=release: (exits.append(index), release())
+            scheduler.submit(sequence)
+        collector.wait(3)
+        time.sleep(0.2)  # a second exit, if any, would land here
+    finally:
+        scheduler.close(10)
+    assert sorted(exits) == [0, 1, 2]
+    assert "inf or nan" in str(collector.errors[1])
+    assert collector.finished[0].completion_tokens == 10
+    assert collector.finished[2].completion_tokens == 10
