@@ -90,7 +90,12 @@ class ServerState:
         self.engine = engine
         self.metrics = metrics
         self.admission: Admission | None = None
-        self.scheduler = BatchScheduler(settings.max_batch_size, on_step=metrics.batch_size.observe)
+        self.scheduler = BatchScheduler(
+            settings.max_batch_size,
+            prefill_chunk_tokens=settings.prefill_chunk_tokens,
+            on_step=metrics.batch_size.observe,
+            on_move=metrics.rows_moved.inc,
+        )
         self.jobs: set[GenerationJob] = set()
         # coefficient keys of the generations admitted and not yet finished
         self.active_keys: Counter = Counter()

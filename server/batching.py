@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
@@ -69,6 +69,15 @@ class Sequence:
         if not self.cancel_event.is_set():
             self.cancel_reason = reason
             self.cancel_event.set()
+
+
+@dataclass
+class _LongPrefill:
+    """A prompt longer than the per-turn budget, prefilled one chunk per turn."""
+
+    sequence: Sequence
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    done: int = 0
 
 
 def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
@@ -224,17 +233,26 @@ class DecodeGroup:
 class BatchScheduler:
     """Runs the decode loop on one thread for every group of running requests.
 
+    Prompts are prefilled within a budget of ``prefill_chunk_tokens`` per turn of the loop, so
+    the rows already decoding wait at most about that much prefill between two of their steps:
+    short prompts are prefilled together while their padded size fits the budget, and a prompt
+    longer than the budget is prefilled one chunk per turn before it joins its group.
+
     Args:
         max_batch_size: most rows in one group; a request for a full group waits for a row.
+        prefill_chunk_tokens: prefill budget per turn, in (padded) prompt tokens.
     """
 
     def __init__(
         self,
         max_batch_size: int,
+        prefill_chunk_tokens: int = 256,
         on_step: Callable[[int], None] | None = None,
         on_move: Callable[[int], None] | None = None,
     ):
         self.max_batch_size = max_batch_size
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self._long_prefills: deque[_LongPrefill] = deque()
         self.on_step = on_step
         self.on_move = on_move
         self._condition = threading.Condition()
@@ -288,32 +306,105 @@ class BatchScheduler:
         self._end_all("shutdown")
 
     def _has_work(self) -> bool:
-        return bool(self._waiting) or any(group.sequences for group in self._groups.values())
+        return (
+            bool(self._waiting)
+            or bool(self._long_prefills)
+            or any(group.sequences for group in self._groups.values())
+        )
+
+    def _group(self, route: Route) -> DecodeGroup:
+        group = self._groups.get(route.group)
+        if group is None:
+            group = DecodeGroup(route.model, route.rows)
+            self._groups[route.group] = group
+        return group
 
     def _admit(self) -> None:
-        """Move waiting requests into their groups while rows are free, one prefill per group."""
+        """Start prefills for waiting requests while rows are free, within the turn's budget.
+
+        Short prompts joining one group are prefilled together, shortest first, while their
+        padded size fits the budget; at least one request is always admitted. A prompt longer
+        than the budget starts a chunked prefill instead.
+        """
+        reserved = Counter(prefill.sequence.route.group for prefill in self._long_prefills)
         joining: dict[Hashable, list[Sequence]] = {}
+        padded: dict[Hashable, int] = {}  # prompt tokens of each joining batch, padded
         still_waiting: deque[Sequence] = deque()
-        while self._waiting:
-            sequence = self._waiting.popleft()
+        for sequence in sorted(self._waiting, key=lambda s: len(s.prompt_ids)):
             if sequence.cancel_event.is_set():
                 self._finish(sequence, sequence.state.stop(sequence.cancel_reason))
                 continue
             key = sequence.route.group
-            group = self._groups.get(key)
-            if group is None:
-                group = DecodeGroup(sequence.route.model, sequence.route.rows)
-                self._groups[key] = group
             batch = joining.setdefault(key, [])
-            if len(group) + len(batch) >= self.max_batch_size:
+            rows = len(self._groups[key]) if key in self._groups else 0
+            if rows + reserved[key] + len(batch) >= self.max_batch_size:
                 still_waiting.append(sequence)
-            else:
-                batch.append(sequence)
-        self._waiting = still_waiting
+                continue
+            length = len(sequence.prompt_ids)
+            if length > self.prefill_chunk_tokens:
+                self._long_prefills.append(_LongPrefill(sequence))
+                reserved[key] += 1
+                continue
+            # prompts come shortest first, so this one sets the batch's padded width
+            batch_tokens = (len(batch) + 1) * length
+            used = sum(padded.values()) - padded.get(key, 0) + batch_tokens
+            if used > self.prefill_chunk_tokens and any(joining.values()):
+                still_waiting.append(sequence)
+                continue
+            batch.append(sequence)
+            padded[key] = batch_tokens
+        # keep arrival order among those still waiting
+        order = {id(sequence): index for index, sequence in enumerate(self._waiting)}
+        self._waiting = deque(sorted(still_waiting, key=lambda s: order[id(s)]))
 
-        for key, sequences in joining.items():
+        for sequences in joining.values():
             if sequences:
-                self._prefill(self._groups[key], sequences)
+                self._prefill(self._group(sequences[0].route), sequences)
+        if self._long_prefills:
+            self._advance_long_prefill()
+
+    def _advance_long_prefill(self) -> None:
+        """Run one chunk of the oldest long prompt; when it is done, the request joins its group."""
+        prefill = self._long_prefills[0]
+        sequence = prefill.sequence
+        if sequence.cancel_event.is_set():
+            self._long_prefills.popleft()
+            self._finish(sequence, sequence.state.stop(sequence.cancel_reason))
+            return
+        route = sequence.route
+        end = min(prefill.done + self.prefill_chunk_tokens, len(sequence.prompt_ids))
+        last = end == len(sequence.prompt_ids)
+        try:
+            if route.rows is not None:
+                row = torch.tensor([route.coefficients], dtype=torch.float32)
+                route.rows.set(row.to(next(route.model.parameters()).device))
+            device = next(route.model.parameters()).device
+            chunk = torch.tensor([sequence.prompt_ids[prefill.done : end]], device=device)
+            with torch.inference_mode():
+                output = route.model(
+                    input_ids=chunk,
+                    cache=prefill.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            prefill.done = end
+            if not last:
+                return
+            self._long_prefills.popleft()
+            group = self._group(route)
+            first = len(group)
+            mask = torch.ones(1, end, dtype=torch.long, device=device)
+            group.join([sequence], prefill.cache, mask)
+        except Exception as error:
+            logger.exception("prefill failed")
+            if self._long_prefills and self._long_prefills[0] is prefill:
+                self._long_prefills.popleft()
+            self._fail(sequence, error)
+            return
+        kept = list(range(first))
+        if self._advance(sequence, output.logits[0, -1]):
+            kept.append(first)
+        group.keep(kept)
 
     def _move_to_unfused(self) -> None:
         """While the unfused group runs, move fused rows that allow it into that group.
@@ -432,8 +523,10 @@ class BatchScheduler:
     def _end_all(self, reason: str) -> None:
         with self._condition:
             pending = list(self._incoming) + list(self._waiting)
+            pending += [prefill.sequence for prefill in self._long_prefills]
             self._incoming.clear()
             self._waiting.clear()
+            self._long_prefills.clear()
         for group in self._groups.values():
             pending.extend(group.sequences)
             group.keep([])

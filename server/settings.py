@@ -83,6 +83,12 @@ class Settings(BaseModel):
     max_batch_size: int = Field(
         8, ge=1, description="most requests decoded together by one model in one step"
     )
+    prefill_chunk_tokens: int = Field(
+        256,
+        ge=16,
+        description="prompt tokens prefilled per turn of the decode loop; longer prompts are "
+        "prefilled in chunks of this size between decode steps",
+    )
     max_concurrency: int = Field(8, ge=1, description="generations running at once")
     max_queue: int = Field(32, ge=0, description="requests waiting for a slot before 503")
     max_new_tokens: int = Field(

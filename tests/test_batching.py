@@ -419,3 +419,71 @@ def test_a_row_that_fails_to_sample_fails_alone(real):
     assert "inf or nan" in str(collector.errors[1])
     assert collector.finished[0].completion_tokens == 10
     assert collector.finished[2].completion_tokens == 10
+
+
+def test_long_prompt_prefills_in_chunks_between_decode_steps(real):
+    """A prompt over the budget is prefilled chunk by chunk while a running row keeps decoding,
+    and both get their solo tokens; short prompts are never padded to the long one."""
+    tokenizer = real["tokenizer"]
+    params = SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True)
+    short_ids = tokenizer(PROMPTS[0])["input_ids"]
+    long_ids = tokenizer(" ".join([PROMPTS[3]] * 6))["input_ids"]
+    assert len(long_ids) > 4 * 16
+    expected = [
+        solo_tokens(real["model"], real, short_ids, params),
+        solo_tokens(real["model"], real, long_ids, params),
+    ]
+
+    # tokens the running row had when the long one produced its first token
+    steps_seen = []
+    collector = Collector(2)
+    scheduler = BatchScheduler(max_batch_size=8, prefill_chunk_tokens=16, on_step=steps_seen.append)
+    try:
+        route = Route("base", real["model"])
+        scheduler.submit(collector.sequence(0, short_ids, params, route, real))
+        while len(collector.deltas[0]) < 2:
+            time.sleep(0.01)
+        running_before = len(steps_seen)
+        scheduler.submit(collector.sequence(1, long_ids, params, route, real))
+        while not collector.deltas[1] and 1 not in collector.finished:
+            time.sleep(0.005)
+        steps_during_prefill = len(steps_seen) - running_before
+        collector.wait(2)
+    finally:
+        scheduler.close(10)
+    assert [collector.finished[i].token_ids for i in range(2)] == expected
+    # the long prompt needs at least 4 chunks of 16, and the running row stepped between them
+    assert steps_during_prefill >= 3, steps_during_prefill
+
+
+def test_prefill_budget_splits_joining_prompts_and_keeps_their_tokens(real, monkeypatch):
+    tokenizer = real["tokenizer"]
+    params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    collector = Collector(4)
+    sequences = [
+        collector.sequence(
+            i, tokenizer(PROMPTS[i])["input_ids"], params, Route("base", real["model"]), real
+        )
+        for i in range(4)
+    ]
+    budget = max(len(s.prompt_ids) for s in sequences) + 1
+    padded_sizes = []
+    original = DecodeGroup.prefill
+
+    def recording_prefill(self, batch):
+        padded_sizes.append(len(batch) * max(len(s.prompt_ids) for s in batch))
+        return original(self, batch)
+
+    monkeypatch.setattr(DecodeGroup, "prefill", recording_prefill)
+    scheduler = BatchScheduler(max_batch_size=8, prefill_chunk_tokens=budget)
+    with scheduler._condition:  # hold the loop so that all four wait together
+        scheduler._incoming.extend(sequences)
+        scheduler._condition.notify()
+    try:
+        collector.wait(4)
+    finally:
+        scheduler.close(10)
+    assert len(padded_sizes) >= 2, "all four prompts went into one prefill over the budget"
+    assert all(size <= budget for size in padded_sizes), (padded_sizes, budget)
+    expected = [solo_tokens(real["model"], real, s.prompt_ids, params) for s in sequences]
+    assert [collector.finished[i].token_ids for i in range(4)] == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import httpx
 import pytest
@@ -93,3 +94,28 @@ def test_auto_mode_keeps_a_lone_request_fused(server):
     result = generate(server.url, {"preference": 0.9})
     assert result["engine"] == "fused"
     assert result["cache"] in ("hit", "miss")
+
+
+def test_auto_mode_moves_a_running_fused_request_into_the_unfused_batch(server):
+    """A fused request that is running when another preference arrives ends unfused."""
+    before = metric_value(
+        httpx.get(server.url + "/metrics").text, "peo_rows_moved_to_unfused_total"
+    )
+    first_body = {"preference": 0.64, "max_new_tokens": 160, "ignore_eos": True}
+    second_body = {"preference": 0.14, "max_new_tokens": 8, "ignore_eos": True}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(generate, server.url, first_body)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            metrics = httpx.get(server.url + "/metrics").text
+            if metric_value(metrics, "peo_requests_in_flight") == 1:
+                break
+            time.sleep(0.05)
+        time.sleep(1.5)  # fused (or a cache hit) and decoding by now
+        second = pool.submit(generate, server.url, second_body)
+        first, second = first.result(), second.result()
+    assert second["engine"] == "unfused"
+    assert first["engine"] == "unfused", "the running fused request did not move"
+    assert first["cache"] in ("hit", "miss")  # it started fused
+    after = metric_value(httpx.get(server.url + "/metrics").text, "peo_rows_moved_to_unfused_total")
+    assert after >= before + 1
