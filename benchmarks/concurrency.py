@@ -2,8 +2,8 @@
 
 Run as ``python -m benchmarks.concurrency [--quick]``. Every client is a thread that sends
 streamed ``/generate`` requests one after another to a real server process on 127.0.0.1, each
-for a fixed number of new tokens (``ignore_eos``). Client ``i`` of ``n`` always asks for its own
-preference ``i / (n - 1)``; in the single-preference runs every client asks for 0.5. Aggregate
+for a fixed number of new tokens (``ignore_eos``). Client ``i`` of ``n`` always requests its own
+preference ``i / (n - 1)``. In the single-preference runs every client requests 0.5. Aggregate
 throughput is all completion tokens over the wall time from the first request to the last byte.
 
 Servers, each started in turn with the same threads:

@@ -24,7 +24,7 @@ class ScoredPoint:
 
 
 def dominates(a: ScoredPoint, b: ScoredPoint) -> bool:
-    """Whether ``a`` is at least as good as ``b`` on both scores and better on one."""
+    """Return whether ``a`` is at least as good as ``b`` on both scores and better on one."""
     return (
         a.help_score >= b.help_score
         and a.harm_score >= b.harm_score

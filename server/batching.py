@@ -2,9 +2,9 @@
 
 Requests are grouped by the model that serves them: one group per fused model, and one group for
 the unfused mixed model, whose rows may each ask for different coefficients. Each turn of the
-loop admits waiting requests (one prefill per group for all the requests joining it, their
-prompts padded on the left), then runs one forward pass per group over all of its rows and hands
-every row's logits to that request's :class:`DecodeState`.
+loop first admits waiting requests: the requests joining a group are prefilled together, their
+prompts padded on the left. It then runs one forward pass per group over all of its rows, and
+hands every row's logits to that request's :class:`DecodeState`.
 
 The rows of a group share one key/value cache laid out right-aligned: a row whose context is
 shorter than the group's is padded on the left and masked out. When rows leave, the columns
@@ -36,7 +36,7 @@ class LoopClosedError(RuntimeError):
 
 @dataclass
 class Route:
-    """Which model serves a request, and with which coefficient row (unfused only)."""
+    """The model that serves a request, and its coefficient row on the unfused path."""
 
     group: Hashable
     model: torch.nn.Module
@@ -239,7 +239,7 @@ class BatchScheduler:
     longer than the budget is prefilled one chunk per turn before it joins its group.
 
     Args:
-        max_batch_size: most rows in one group; a request for a full group waits for a row.
+        max_batch_size: maximum rows in one group; a request for a full group waits for a row.
         prefill_chunk_tokens: prefill budget per turn, in (padded) prompt tokens.
     """
 
