@@ -81,7 +81,7 @@ class Settings(BaseModel):
         "(unfused), or auto: fused while all requests in flight share a pair, unfused once they mix",
     )
     max_batch_size: int = Field(
-        8, ge=1, description="most requests decoded together by one model in one step"
+        8, ge=1, description="maximum requests decoded together by one model in one step"
     )
     prefill_chunk_tokens: int = Field(
         256,
