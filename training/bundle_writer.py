@@ -51,6 +51,7 @@ def recipe_from_record(record: dict) -> dict:
         "max_length": config["max_length"],
         "max_prompt_tokens": config["max_prompt_tokens"],
         "learning_rate": config["learning_rate"],
+        "lr_schedule": record.get("lr_schedule"),
         "beta": config["beta"],
         "lora_rank": config["lora_rank"],
         "lora_alpha": config["lora_alpha"],

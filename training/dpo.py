@@ -4,7 +4,8 @@ Run as ``python -m training.dpo --aspect helpfulness --data PATH ... --output-di
 saves a Trainer checkpoint every ``save_every`` steps under ``DIR/checkpoints`` and resumes from
 the newest one when started again with the same arguments. When it finishes it writes
 ``DIR/task_vector.safetensors`` and ``DIR/record.json`` (config, data file hashes, pair counts,
-steps, wall time).
+steps, learning-rate schedule, wall time). ``--export-checkpoint`` writes the same two files from
+the newest checkpoint of a run that was stopped early.
 """
 
 from __future__ import annotations
@@ -148,7 +149,31 @@ def train_aspect(config: AspectRunConfig, model=None, tokenizer=None) -> Path:
     wall_time.write()
 
     # export the adapter as a task vector with its record
-    vector = task_vector_from_peft(trainer.model, config.aspect)
+    return export_vector(
+        config,
+        trainer.model,
+        source,
+        len(train_pairs),
+        len(heldout_pairs),
+        trainer.state.global_step,
+        trainer.state.log_history,
+        wall_time.total(),
+    )
+
+
+def export_vector(
+    config: AspectRunConfig,
+    model,
+    source,
+    train_pairs: int,
+    heldout_pairs: int,
+    steps: int,
+    log_history: list[dict],
+    wall_seconds: float,
+) -> Path:
+    """Write the adapter of ``model`` as ``DIR/task_vector.safetensors`` and its ``record.json``."""
+    output_dir = config.output_dir
+    vector = task_vector_from_peft(model, config.aspect)
     vector_path = output_dir / VECTOR_FILE
     save_task_vector(vector, vector_path)
     record = {
@@ -156,19 +181,62 @@ def train_aspect(config: AspectRunConfig, model=None, tokenizer=None) -> Path:
         "config": json.loads(config.model_dump_json()),
         "base_model": source.identity(),
         "data_files": data_hashes(config.data),
-        "train_pairs": len(train_pairs),
-        "heldout_pairs": len(heldout_pairs),
-        "steps": trainer.state.global_step,
+        "train_pairs": train_pairs,
+        "heldout_pairs": heldout_pairs,
+        "steps": steps,
         "effective_batch_size": config.effective_batch_size,
-        "wall_time_seconds": round(wall_time.total(), 1),
-        "final_logs": trainer.state.log_history[-3:],
+        "lr_schedule": {
+            "kind": "cosine",
+            "warmup_steps": max(1, config.steps // 20),
+            "horizon_steps": config.steps,
+        },
+        "wall_time_seconds": round(wall_seconds, 1),
+        "final_logs": log_history[-3:],
         "torch_threads": torch.get_num_threads(),
     }
     (output_dir / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    logger.info(
-        "%s: wrote %s after %d steps", config.aspect, vector_path, trainer.state.global_step
-    )
+    logger.info("%s: wrote %s after %d steps", config.aspect, vector_path, steps)
     return vector_path
+
+
+def export_newest_checkpoint(config: AspectRunConfig) -> Path:
+    """Export the newest saved checkpoint of a run as its task vector, without training.
+
+    For a run stopped before ``config.steps``: the record gives the checkpoint's step count as
+    ``steps`` and the schedule's length as ``lr_schedule.horizon_steps``.
+
+    Raises:
+        FileNotFoundError: the run has no checkpoint.
+    """
+    from peft import PeftModel
+
+    checkpoints = sorted(
+        (config.output_dir / "checkpoints").glob("checkpoint-*"),
+        key=lambda path: int(path.name.rsplit("-", 1)[1]),
+    )
+    if not checkpoints:
+        raise FileNotFoundError(f"no checkpoint-* folder under {config.output_dir / 'checkpoints'}")
+    newest = checkpoints[-1]
+    state = json.loads((newest / "trainer_state.json").read_text())
+    source = resolve_base_model(config.base_model)
+    model, _ = load_base_model(source)
+    model = PeftModel.from_pretrained(model, newest)
+    train_pairs, heldout_pairs = load_split(config)
+    if config.max_train_pairs is not None:
+        train_pairs = train_pairs[: config.max_train_pairs]
+    wall_file = config.output_dir / WALL_TIME_FILE
+    wall_seconds = json.loads(wall_file.read_text())["seconds"] if wall_file.is_file() else 0.0
+    logger.info("%s: exporting %s", config.aspect, newest)
+    return export_vector(
+        config,
+        model,
+        source,
+        len(train_pairs),
+        len(heldout_pairs),
+        state["global_step"],
+        state["log_history"],
+        wall_seconds,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=10, help="checkpoint interval in steps")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--export-checkpoint",
+        action="store_true",
+        help="export the newest checkpoint as the task vector without training further",
+    )
     return parser
 
 
@@ -227,7 +300,10 @@ def main(argv: list[str] | None = None) -> None:
         save_every=args.save_every,
         threads=args.threads,
     )
-    train_aspect(config)
+    if args.export_checkpoint:
+        export_newest_checkpoint(config)
+    else:
+        train_aspect(config)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,104 @@
+"""DPO training of a task vector on a tiny random Llama: training, resuming and exporting.
+
+The base is tiny and random, so nothing is learned; the test covers the machinery: TRL's
+DPOTrainer with a PEFT LoRA, checkpoints, the exported vector and the record.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from peo_merge.fused_model import base_state
+from peo_merge.task_vector import load_task_vector
+from tests.tiny_model import write_tiny_base
+from training.config import AspectRunConfig
+from training.dpo import RECORD_FILE, VECTOR_FILE, export_newest_checkpoint, train_aspect
+
+
+def write_pairs(path, count: int) -> None:
+    rows = [
+        {
+            "chosen": f"\n\nHuman: What is {i} plus {i}?\n\nAssistant: It is {2 * i}.",
+            "rejected": f"\n\nHuman: What is {i} plus {i}?\n\nAssistant: I will not say.",
+        }
+        for i in range(count)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("training")
+    base = write_tiny_base(folder / "base")
+    data = folder / "pairs.jsonl"
+    write_pairs(data, 40)
+    config = AspectRunConfig(
+        aspect="helpfulness",
+        data=(data,),
+        output_dir=folder / "run",
+        base_model=str(base),
+        steps=2,
+        batch_size=2,
+        gradient_accumulation=1,
+        max_length=96,
+        max_prompt_tokens=64,
+        lora_rank=2,
+        lora_alpha=4.0,
+        lora_targets=("q_proj", "v_proj"),
+        save_every=1,
+        threads=1,
+    )
+    train_aspect(config)
+    return config, base
+
+
+def test_training_writes_vector_and_record(run):
+    config, base = run
+    record = json.loads((config.output_dir / RECORD_FILE).read_text())
+    assert record["steps"] == 2
+    assert record["lr_schedule"] == {"kind": "cosine", "warmup_steps": 1, "horizon_steps": 2}
+    assert record["effective_batch_size"] == 2
+    assert record["train_pairs"] + record["heldout_pairs"] == 40
+    assert len(record["data_files"]) == 1
+
+    vector = load_task_vector(config.output_dir / VECTOR_FILE, "helpfulness", "lowrank", 2.0)
+    state = base_state(LlamaForCausalLM.from_pretrained(base))
+    assert len(vector.targets) == 4  # q_proj and v_proj of two layers
+    for target in vector.targets:
+        lora_a, lora_b = vector.factors[target]
+        assert lora_a.shape[0] == 2
+        assert (lora_b.shape[0], lora_a.shape[1]) == tuple(state[target].shape)
+    # DPO moved B away from its zero initialisation
+    assert any(vector.factors[t][1].abs().max() > 0 for t in vector.targets)
+
+
+def test_export_of_newest_checkpoint_matches_trained_vector(run, tmp_path):
+    config, _ = run
+    trained = load_task_vector(config.output_dir / VECTOR_FILE, "helpfulness", "lowrank", 2.0)
+    export_newest_checkpoint(config)
+    exported = load_task_vector(config.output_dir / VECTOR_FILE, "helpfulness", "lowrank", 2.0)
+    record = json.loads((config.output_dir / RECORD_FILE).read_text())
+    assert record["steps"] == 2
+    for target in trained.targets:
+        for mine, theirs in zip(trained.factors[target], exported.factors[target], strict=True):
+            assert torch.allclose(mine, theirs)
+
+
+def test_training_resumes_to_more_steps(run):
+    config, _ = run
+    longer = config.model_copy(update={"steps": 3})
+    train_aspect(longer)
+    record = json.loads((config.output_dir / RECORD_FILE).read_text())
+    assert record["steps"] == 3
+    assert (config.output_dir / "checkpoints" / "checkpoint-3").is_dir()
+
+
+def test_export_without_checkpoint_names_the_folder(tmp_path, run):
+    config, _ = run
+    empty = config.model_copy(update={"output_dir": tmp_path / "empty"})
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        export_newest_checkpoint(empty)
