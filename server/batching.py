@@ -182,11 +182,13 @@ class DecodeGroup:
             [[sequence.next_token] for sequence in self.sequences], device=self.device
         )
         mask = F.pad(self.mask, (0, 1), value=1)
+        # without padding, positions follow the cache length: the model's own defaults apply
+        padded = bool((self.mask == 0).any())
         self._set_rows(self.coefficients)
         logits = self.model(
             input_ids=tokens,
-            attention_mask=mask,
-            position_ids=self.positions[:, None],
+            attention_mask=mask if padded else None,
+            position_ids=self.positions[:, None] if padded else None,
             cache=self.cache,
             use_cache=True,
         ).logits[:, -1]
