@@ -21,9 +21,11 @@ class GenerationJob:
     """One request running in the decode loop.
 
     The job owns the lease on its fused model (none on the unfused path). When the request
-    leaves its fused model (it finished, or moved to the unfused batch), the lease is released;
-    when it leaves the decode loop for any reason, ``on_done`` runs on the event loop. So a slot and a pin are freed only once the model is no longer in use, even when
-    the client went away mid-stream.
+    leaves its fused model (it finished, or moved to the unfused batch), the lease is released.
+    When it leaves the decode loop for any reason, ``on_done`` runs on the event loop, and only
+    then does the last item (the result or the error) reach the reader. So a slot and a pin are
+    freed only once the model is no longer in use, even when the client went away mid-stream,
+    and a client that sends its next request on receiving a result finds them freed.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class GenerationJob:
         self.finished = asyncio.Event()
         self.finish_reason: str | None = None
         self.completion_tokens = 0
+        self._final: Finished | Exception | None = None
         self.sequence = Sequence(
             prompt_ids,
             DecodeState(engine.tokenizer, params, engine.eos_token_ids),
@@ -58,13 +61,22 @@ class GenerationJob:
         scheduler.submit(self.sequence)
 
     def _put(self, item) -> None:
+        # the last item waits for _exit, so that the request's bookkeeping is done before its
+        # client can see the end of the response
         if isinstance(item, Finished):
             item.engine = self.engine
             self.finish_reason = item.finish_reason
             self.completion_tokens = item.completion_tokens
-        elif isinstance(item, Exception):
+            self._final = item
+            return
+        if isinstance(item, Exception):
             logger.error("generation failed for request %s: %s", self.request_id, item)
             self.finish_reason = "error"
+            self._final = item
+            return
+        self._send(item)
+
+    def _send(self, item) -> None:
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:
@@ -92,6 +104,8 @@ class GenerationJob:
     def _done(self) -> None:
         self._on_done()
         self.finished.set()
+        if self._final is not None:
+            self._queue.put_nowait(self._final)
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Ask the decode loop to drop this request before its next step."""

@@ -119,3 +119,12 @@ def test_auto_mode_moves_a_running_fused_request_into_the_unfused_batch(server):
     assert first["cache"] in ("hit", "miss")  # it started fused
     after = metric_value(httpx.get(server.url + "/metrics").text, "peo_rows_moved_to_unfused_total")
     assert after >= before + 1
+
+
+def test_auto_mode_sequential_requests_stay_fused(server):
+    """A request sent as soon as the previous result arrives finds that request gone."""
+    engines = [
+        generate(server.url, {"preference": preference, "max_new_tokens": 2})["engine"]
+        for preference in (0.21, 0.79) * 4
+    ]
+    assert engines == ["fused"] * 8
