@@ -280,10 +280,6 @@ class BatchScheduler:
             self._condition.notify()
         self._thread.join(timeout)
 
-    def running(self) -> int:
-        """Rows being decoded now (a snapshot)."""
-        return sum(len(group) for group in list(self._groups.values()))
-
     # the loop
 
     def _run(self) -> None:
