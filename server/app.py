@@ -31,6 +31,9 @@ from server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+# how long auto mode keeps choosing the unfused path after it last saw mixed preferences
+AUTO_MIXED_HOLD_SECONDS = 2.0
+
 JSON_TYPE_NAMES = {
     dict: "object",
     list: "array",
@@ -99,6 +102,7 @@ class ServerState:
         self.jobs: set[GenerationJob] = set()
         # coefficient keys of the generations admitted and not yet finished
         self.active_keys: Counter = Counter()
+        self.mixed_until = 0.0  # monotonic time until which auto mode stays unfused
         metrics.task_vector_bytes.set(engine.bundle.nbytes())
         engine.on_evict = lambda key: metrics.cache_evictions.inc()
 
@@ -131,17 +135,22 @@ class ServerState:
         In ``auto`` mode a request takes the fused path while every generation in flight asks
         for the same pair (a fused model decodes fastest), and the unfused path as soon as
         preferences mix or an unfused batch is running, so that one batch serves them all
-        instead of one batch per pair.
+        instead of one batch per pair. Mixed load holds the unfused path for
+        ``AUTO_MIXED_HOLD_SECONDS`` after it was last seen, so that clients sending their next
+        requests between two waves do not each fuse a model for a moment alone.
         """
         mode = self.settings.engine_mode
         if mode != "auto":
             return mode
         if self.engine.mixed_model is None:
             return "fused"
-        if any(job.engine == "unfused" for job in self.jobs):
-            return "unfused"
-        others = any(other != key for other, count in self.active_keys.items() if count)
-        return "unfused" if others else "fused"
+        now = time.monotonic()
+        mixed = any(job.engine == "unfused" for job in self.jobs) or any(
+            other != key for other, count in self.active_keys.items() if count
+        )
+        if mixed:
+            self.mixed_until = now + AUTO_MIXED_HOLD_SECONDS
+        return "unfused" if mixed or now < self.mixed_until else "fused"
 
     def forget_key(self, key: tuple[float, float]) -> None:
         """Count one generation with coefficient pair ``key`` as no longer in flight."""

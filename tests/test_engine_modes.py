@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 
+from server.app import AUTO_MIXED_HOLD_SECONDS
 from tests.conftest import ServerProcess
 from tests.test_faults import metric_value
 
@@ -18,6 +19,14 @@ REQUESTS = [
     {"coefficients": {"helpfulness": 1.5, "harmlessness": -0.5}},
     {"coefficients": {"helpfulness": -0.5, "harmlessness": 0.0}},
 ]
+
+
+@pytest.fixture(autouse=True)
+def idle_auto_mode():
+    """Let auto mode's hold on the unfused path run out after each test, so every test (and
+    every later test on the shared server) starts from an idle server."""
+    yield
+    time.sleep(AUTO_MIXED_HOLD_SECONDS + 0.1)
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +137,15 @@ def test_auto_mode_sequential_requests_stay_fused(server):
         for preference in (0.21, 0.79) * 4
     ]
     assert engines == ["fused"] * 8
+
+
+def test_auto_mode_holds_unfused_briefly_after_mixed_load(server):
+    """Right after mixed load, a lone request still runs unfused; once the hold passes, fused."""
+    bodies = [{"preference": p, "max_new_tokens": 16, "ignore_eos": True} for p in (0.3, 0.7)]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda body: generate(server.url, body), bodies))
+    right_after = generate(server.url, {"preference": 0.5, "max_new_tokens": 2})
+    time.sleep(AUTO_MIXED_HOLD_SECONDS + 0.1)
+    later = generate(server.url, {"preference": 0.5, "max_new_tokens": 2})
+    assert right_after["engine"] == "unfused"
+    assert later["engine"] == "fused"
