@@ -132,8 +132,8 @@ class ServerState:
     def choose_path(self, key: tuple[float, float]) -> str:
         """Return ``"fused"`` or ``"unfused"`` for a request with coefficient pair ``key``.
 
-        In ``auto`` mode a request takes the fused path while every generation in flight asks
-        for the same pair (a fused model decodes fastest), and the unfused path as soon as
+        In ``auto`` mode a request takes the fused path while every generation in flight
+        requests the same pair (a fused model decodes fastest), and the unfused path as soon as
         preferences mix or an unfused batch is running, so that one batch serves them all
         instead of one batch per pair. Mixed load holds the unfused path for
         ``AUTO_MIXED_HOLD_SECONDS`` after it was last seen, so that clients sending their next
@@ -263,16 +263,15 @@ async def start_generation(
         state.metrics.queued.dec()
     admitted = time.perf_counter()
 
-    # pick the path; on the fused one, fuse or hit the cache, shielded so that a disconnect
-    # cannot drop a lease that was just pinned
-    # counted as active from the choice on, so that requests arriving during this one's fusion
-    # already see its pair
+    # Pick the path. The request counts as active from here on, so that requests arriving
+    # during its fusion already see its pair.
     path = state.choose_path(key)
     state.active_keys[key] += 1
     state.metrics.in_flight.inc()
     lease = None
     try:
         if path == "fused":
+            # fuse or hit the cache, shielded so that a disconnect cannot drop a pinned lease
             try:
                 with anyio.CancelScope(shield=True):
                     lease = await anyio.to_thread.run_sync(engine.acquire, key)

@@ -1,4 +1,4 @@
-"""One generation as the event loop sees it: submitted to the decode loop, read as async events."""
+"""One generation on the event loop's side: submitted to the decode loop, read as async events."""
 
 from __future__ import annotations
 
