@@ -153,10 +153,16 @@ class ServerState:
         return "unfused" if mixed or now < self.mixed_until else "fused"
 
     def forget_key(self, key: tuple[float, float]) -> None:
-        """Count one generation with coefficient pair ``key`` as no longer in flight."""
+        """Count one generation with coefficient pair ``key`` as no longer in flight.
+
+        While generations with other pairs are still running, the load is still mixed, so the
+        auto-mode hold on the unfused path restarts from now.
+        """
         self.active_keys[key] -= 1
         if self.active_keys[key] <= 0:
             del self.active_keys[key]
+        if any(other != key for other in self.active_keys):
+            self.mixed_until = time.monotonic() + AUTO_MIXED_HOLD_SECONDS
 
     def refresh_cache_gauges(self) -> None:
         self.metrics.cache_entries.set(len(self.engine.cache))

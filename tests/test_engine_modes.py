@@ -143,9 +143,18 @@ def test_auto_mode_sequential_requests_stay_fused(server):
 
 def test_auto_mode_holds_unfused_briefly_after_mixed_load(server):
     """Right after mixed load, a lone request still runs unfused; once the hold passes, fused."""
-    bodies = [{"preference": p, "max_new_tokens": 16, "ignore_eos": True} for p in (0.3, 0.7)]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda body: generate(server.url, body), bodies))
+        body = {"preference": 0.3, "max_new_tokens": 24, "ignore_eos": True}
+        first = pool.submit(generate, server.url, body)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            metrics = httpx.get(server.url + "/metrics").text
+            if metric_value(metrics, "peo_requests_in_flight") == 1:
+                break
+            time.sleep(0.05)
+        second = pool.submit(generate, server.url, body | {"preference": 0.7})
+        assert second.result()["engine"] == "unfused"
+        first.result()
     right_after = generate(server.url, {"preference": 0.5, "max_new_tokens": 2})
     time.sleep(AUTO_MIXED_HOLD_SECONDS + 0.1)
     later = generate(server.url, {"preference": 0.5, "max_new_tokens": 2})
