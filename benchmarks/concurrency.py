@@ -14,7 +14,7 @@ Servers, each started in turn with the same threads:
 - ``unfused``: base weights plus factors with per-row coefficients, one batch for all.
 
 Every run is preceded by one warm-up round of the same clients, so that the fused runs measure
-a warm cache where it holds every pair. On the ``auto`` server, the single-preference and the
+a warm cache where it contains every pair. On the ``auto`` server, the single-preference and the
 mixed clients each run one warm-up round before either is measured, because the first pass of
 a path over new batch shapes runs slower. Where the pairs outnumber the cache entries, every
 request fuses anyway; that run is one round with no warm-up.

@@ -13,6 +13,16 @@ def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor for name, tensor in model.state_dict(keep_vars=True).items()}
 
 
+def shared_copy(base_model: nn.Module) -> nn.Module:
+    """Return a copy of ``base_model`` whose parameters and buffers are the base's own tensors."""
+    memo: dict[int, object] = {}
+    for parameter in base_model.parameters():
+        memo[id(parameter)] = parameter
+    for buffer in base_model.buffers():
+        memo[id(buffer)] = buffer
+    return copy.deepcopy(base_model, memo)
+
+
 def build_fused_model(base_model: nn.Module, fused: dict[str, torch.Tensor]) -> nn.Module:
     """Return a copy of ``base_model`` whose parameters named in ``fused`` are those tensors.
 
@@ -25,13 +35,7 @@ def build_fused_model(base_model: nn.Module, fused: dict[str, torch.Tensor]) -> 
         base_model: the model to share tensors with; it is not modified.
         fused: parameter name → tensor of the same shape, for example from ``Fuser.allocate``.
     """
-    memo: dict[int, object] = {}
-    for parameter in base_model.parameters():
-        memo[id(parameter)] = parameter
-    for buffer in base_model.buffers():
-        memo[id(buffer)] = buffer
-    model = copy.deepcopy(base_model, memo)
-
+    model = shared_copy(base_model)
     for name, tensor in fused.items():
         module_name, _, attribute = name.rpartition(".")
         module = model.get_submodule(module_name)

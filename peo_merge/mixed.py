@@ -13,12 +13,11 @@ per batch row with :meth:`RowCoefficients.set`.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peo_merge.fused_model import shared_copy
 from peo_merge.task_vector import TaskVector
 
 
@@ -152,12 +151,7 @@ def build_mixed_model(
     Raises:
         ValueError: a target is not the weight of a linear layer, naming it.
     """
-    memo: dict[int, object] = {}
-    for parameter in base_model.parameters():
-        memo[id(parameter)] = parameter
-    for buffer in base_model.buffers():
-        memo[id(buffer)] = buffer
-    model = copy.deepcopy(base_model, memo)
+    model = shared_copy(base_model)
 
     rows = RowCoefficients(list(vectors))
     targets = sorted({target for vector in vectors.values() for target in vector.targets})

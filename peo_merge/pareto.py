@@ -90,8 +90,8 @@ def preference_map_from_front(front: list[ScoredPoint], source: str) -> Preferen
     if len(ordered) < 2 or ordered[0].help_score == ordered[-1].help_score:
         raise ValueError("a preference map needs a front of at least 2 distinct points")
 
-    # longest chain i1 < i2 < … with α non-decreasing and β non-increasing, ending anywhere;
-    # ties go to the chain whose first point is least helpful (the widest span)
+    # Find the longest chain i1 < i2 < … with α non-decreasing and β non-increasing. Of equal
+    # lengths, the chain whose first point has the minimum helpfulness score (widest span) wins.
     count = len(ordered)
     length = [1] * count
     previous = [-1] * count

@@ -60,8 +60,8 @@ class Sequence:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "cancelled"
     next_token: int | None = None
-    # where a fused request may move once requests with other preferences are decoded unfused;
-    # ``on_move`` runs after the move (the fused model is no longer used)
+    # The unfused route a fused request may move to once other preferences are decoded unfused.
+    # ``on_move`` runs after the move, when the fused model is no longer used.
     unfused_route: Route | None = None
     on_move: Callable[[], None] | None = None
 
@@ -429,7 +429,9 @@ class BatchScheduler:
                 sequence.route = sequence.unfused_route
             try:
                 target.join(sequences, cache, mask)
-            except Exception as error:  # out of memory, say: these requests fail, not the loop
+            except (
+                Exception
+            ) as error:  # for example out of memory: these requests fail, and the loop goes on
                 logger.exception("moving %d rows to the unfused batch failed", len(sequences))
                 for sequence in sequences:
                     self._fail(sequence, error)

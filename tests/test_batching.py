@@ -25,8 +25,8 @@ from server.generation import DecodeState, Finished, SamplingParams, generate
 from tests.conftest import DEFAULT_BUNDLE
 from tests.tiny_model import tiny_llama_config
 
-# fp32 logits of SmolLM2 are about 30 in magnitude; the two paths round differently
-# (W₀ + c·s·B·A formed first, against W₀·x + c·s·B·(A·x)), which moves them by about 1e-4
+# fp32 logits of SmolLM2 are about 30 in magnitude. The two paths round differently
+# (W₀ + c·s·B·A formed first, against W₀·x + c·s·B·(A·x)), which moves them by about 1e-4.
 LOGIT_TOLERANCE = 5e-4
 
 PAIRS = [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (1.5, -0.5), (-0.5, 1.5), (0.0, 0.0)]

@@ -1,4 +1,4 @@
-"""Pareto filter, hypervolume and map derivation on hand-made points with known answers."""
+"""Pareto filter, hypervolume and map derivation on hand-made points with known results."""
 
 from __future__ import annotations
 
@@ -104,10 +104,12 @@ def test_map_drops_points_that_break_monotonicity():
     mapping = preference_map_from_front(front, "test")
     kept = [(p.helpfulness, p.harmlessness) for p in mapping.points]
     assert len(kept) == 3
-    assert kept[0] == (0.0, 1.0) and kept[-1] == (1.5, 0.0)
+    assert kept[0] == (0.0, 1.0)
+    assert kept[-1] == (1.5, 0.0)
     alphas = [a for a, _ in kept]
     betas = [b for _, b in kept]
-    assert alphas == sorted(alphas) and betas == sorted(betas, reverse=True)
+    assert alphas == sorted(alphas)
+    assert betas == sorted(betas, reverse=True)
 
 
 def test_map_needs_two_distinct_points():
