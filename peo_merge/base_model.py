@@ -171,6 +171,20 @@ def resolve_base_model(base_model: str | None, cache_dir: Path | None = None) ->
     return convert_gguf(gguf_path, target, GGUF_SHA256)
 
 
+def own_memory(model: torch.nn.Module) -> None:
+    """Copy every parameter into freshly allocated memory, in place.
+
+    On the CPU, loading leaves the weights in a copy-on-write mapping of the safetensors file.
+    A decode step reads every weight once, and reading from that mapping made a step about 7 %
+    slower than the same step on weights in anonymous memory (measured on SmolLM2-135M, batch 8,
+    2 threads). Tied parameters stay tied: each parameter object is copied once and every module
+    that holds it sees the copy.
+    """
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.data = parameter.data.clone()
+
+
 def load_base_model(
     source: BaseModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ):
@@ -184,6 +198,8 @@ def load_base_model(
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
     model.to(device)
+    if torch.device(device).type == "cpu":
+        own_memory(model)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
