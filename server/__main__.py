@@ -12,6 +12,7 @@ from server.app import create_app
 from server.engine import Engine
 from server.logs import configure_logging
 from server.settings import load_settings
+from server.threads import run_in_new_thread
 
 logger = logging.getLogger("server")
 
@@ -42,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(argv)
     configure_logging(settings.log_level, settings.log_json)
     try:
-        engine = Engine(settings)
+        # loading runs tensor work; its thread exits, so the decode loop is the only long-lived
+        # thread with a team of OpenMP workers (see server.threads)
+        engine = run_in_new_thread(Engine, settings, name="start-up")
     except (BundleError, OSError, ValueError) as error:
         logger.error("start-up failed: %s", error)
         return 2

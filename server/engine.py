@@ -20,6 +20,7 @@ from peo_merge.validation import validate_against_base
 from server.batching import Route
 from server.cache import FusedModelCache, Lease
 from server.settings import Settings
+from server.threads import run_in_new_thread
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +209,10 @@ class Engine:
     ) -> tuple[FusedEntry, int]:
         started = time.perf_counter()
         buffers = recycled.buffers if recycled is not None else self.fuser.allocate(self.dtype)
-        self.fuser.fuse_into(buffers, self.bundle.vector_coefficients(*key))
+        # on a thread of its own, which exits after fusion (see server.threads)
+        run_in_new_thread(
+            self.fuser.fuse_into, buffers, self.bundle.vector_coefficients(*key), name="fusion"
+        )
         model = recycled.model if recycled is not None else build_fused_model(self.model, buffers)
         elapsed = time.perf_counter() - started
         logger.debug(
