@@ -9,14 +9,16 @@ throughput is all completion tokens over the wall time from the first request to
 Servers, each started in turn with the same threads:
 
 - ``auto`` (the default mode): fused while the requests in flight share a pair, unfused once
-  they mix. It runs one client alone, the single-preference runs and the mixed runs.
+  they mix. It runs one client alone, the single-preference runs and the mixed runs, taking
+  turns: each kind runs once per repeat (3, or 1 with ``--quick``) and the figures sum a
+  kind's runs. The ratios compare kinds measured over the same stretch of time.
 - ``fused``: one fused model per pair from the LRU cache (8 entries), at most 8 requests running.
 - ``unfused``: base weights plus factors with per-row coefficients, one batch for all.
 
-Every run is preceded by one warm-up round of the same clients, so that the fused runs measure
-a warm cache where it contains every pair. On the ``auto`` server, the single-preference and the
-mixed clients each run one warm-up round before either is measured, because the first pass of
-a path over new batch shapes runs slower. Where the pairs outnumber the cache entries, every
+On the ``fused`` and ``unfused`` servers every run is preceded by one warm-up round of the same
+clients, so that the fused runs measure a warm cache where it contains every pair. On the
+``auto`` server, the single-preference and the mixed clients each run one warm-up round before
+any is measured, because the first pass of a path over new batch shapes runs slower. Where the pairs outnumber the cache entries, every
 request fuses anyway; that run is one round with no warm-up.
 """
 
@@ -33,6 +35,7 @@ from collections import Counter
 import httpx
 
 from benchmarks.common import free_port, start_server, write_result
+from server.app import AUTO_MIXED_HOLD_SECONDS
 from server.settings import DEFAULT_BUNDLE
 
 PROMPT = "Give me some advice on planning a vegetable garden."
@@ -120,6 +123,53 @@ def measure(
     return figures
 
 
+def combine(runs: list[dict]) -> dict:
+    """Sum runs of one kind of client set into one figure, keeping each run's rate."""
+    tokens = sum(run["tokens"] for run in runs)
+    seconds = sum(run["seconds"] for run in runs)
+    engines: Counter = Counter()
+    cache: Counter = Counter()
+    for run in runs:
+        engines.update(run["engines"])
+        cache.update(run["cache"])
+    return {
+        "clients": runs[0]["clients"],
+        "requests": sum(run["requests"] for run in runs),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "segment_tokens_per_s": [run["tokens_per_s"] for run in runs],
+        "engines": dict(engines),
+        "cache": dict(cache),
+    }
+
+
+def interleaved(
+    url: str, kinds: dict[str, list[float]], new_tokens: int, rounds: int, repeats: int
+) -> dict:
+    """Run every kind of client set once per repeat, in turn, and sum each kind's runs.
+
+    The speed of a shared machine drifts by tens of percent over tens of seconds, so two
+    figures measured one after the other compare the machine as much as the server. Taking
+    turns spreads every kind over the same stretch of time. Before each run the server is left
+    idle for longer than auto mode's unfused hold, so that each run starts from the path its
+    own load selects.
+    """
+    runs: dict[str, list[dict]] = {name: [] for name in kinds}
+    for _ in range(repeats):
+        for name, preferences in kinds.items():
+            time.sleep(AUTO_MIXED_HOLD_SECONDS + 0.5)
+            runs[name].append(run_clients(url, preferences, new_tokens, rounds))
+    figures = {name: combine(kind_runs) for name, kind_runs in runs.items()}
+    for name, kind in figures.items():
+        rates = ", ".join(f"{rate:.1f}" for rate in kind["segment_tokens_per_s"])
+        print(
+            f"  {name}: {kind['tokens_per_s']:.1f} tokens/s (runs: {rates}) {kind['engines']}",
+            file=sys.stderr,
+        )
+    return figures
+
+
 def with_server(threads: int, bundle: str, flags: list[str], work) -> dict:
     port = free_port()
     server = start_server(port, threads, bundle, *flags)
@@ -138,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     new_tokens = 32 if args.quick else 64
     rounds = 1 if args.quick else 2
+    repeats = 1 if args.quick else 3
     client_counts = [8] if args.quick else [8, 32]
     roomy = ["--max-concurrency", "32", "--max-batch-size", "32", "--max-queue", "64"]
 
@@ -147,12 +198,11 @@ def main(argv: list[str] | None = None) -> dict:
         for count in client_counts:
             run_clients(url, [0.5] * count, new_tokens, 1)
             run_clients(url, distinct_preferences(count), new_tokens, 1)
-        runs = {"one_client": measure(url, [0.5], new_tokens, rounds)}
+        kinds = {"one_client": [0.5]}
         for count in client_counts:
-            single, mixed = [0.5] * count, distinct_preferences(count)
-            runs[f"single_{count}"] = measure(url, single, new_tokens, rounds, warm_up=False)
-            runs[f"mixed_{count}"] = measure(url, mixed, new_tokens, rounds, warm_up=False)
-        return runs
+            kinds[f"single_{count}"] = [0.5] * count
+            kinds[f"mixed_{count}"] = distinct_preferences(count)
+        return interleaved(url, kinds, new_tokens, rounds, repeats)
 
     def mixed_runs(label: str, cache_entries: int | None = None):
         def work(url: str) -> dict:
@@ -173,7 +223,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         return work
 
-    figures: dict = {"new_tokens": new_tokens, "rounds": rounds, "server_threads": args.threads}
+    figures: dict = {
+        "new_tokens": new_tokens,
+        "rounds": rounds,
+        "repeats": repeats,
+        "server_threads": args.threads,
+    }
     figures["auto"] = with_server(args.threads, args.bundle, roomy, auto_runs)
     if not args.quick:
         fused_flags = ["--engine-mode", "fused", "--max-concurrency", "8", "--max-queue", "64"]
