@@ -45,12 +45,14 @@ bench: $(INSTALLED)
 	$(VENV_PYTHON) -m benchmarks.memory
 	$(VENV_PYTHON) -m benchmarks.serving
 	$(VENV_PYTHON) -m benchmarks.concurrency
+	$(VENV_PYTHON) -m benchmarks.decode_step
 
 bench-quick: $(INSTALLED)
 	$(VENV_PYTHON) -m benchmarks.fusion --quick
 	$(VENV_PYTHON) -m benchmarks.memory --quick
 	$(VENV_PYTHON) -m benchmarks.serving --quick
 	$(VENV_PYTHON) -m benchmarks.concurrency --quick
+	$(VENV_PYTHON) -m benchmarks.decode_step --quick
 
 # Build the image with podman, run it on 127.0.0.1 and send one request (root; see docs/deploy.md).
 container-smoke:

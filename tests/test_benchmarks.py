@@ -23,6 +23,7 @@ EXPECTED_KEYS = {
     "memory": ["cached_entry_bytes", "targeted_weight_bytes", "base_bytes", "total_ours_bytes"],
     "serving": ["tokens_per_s_ratio", "ttft_ratio"],
     "concurrency": ["mixed_to_single_ratio_8", "mixed_to_one_client_ratio_8"],
+    "decode_step": ["unfused_to_fused_ratio_8", "second_team_unfused_slowdown_8"],
 }
 
 
@@ -47,7 +48,13 @@ def test_quick_benchmark_writes_ratios(name, tmp_path):
         assert runs["one_client"]["engines"] == {"fused": runs["one_client"]["requests"]}
         assert runs["single_8"]["engines"] == {"fused": runs["single_8"]["requests"]}
         assert runs["mixed_8"]["engines"].get("unfused", 0) >= 1
-        assert runs["mixed_8"]["tokens"] == 8 * result["new_tokens"] * result["rounds"]
+        per_run = 8 * result["new_tokens"] * result["rounds"]
+        assert runs["mixed_8"]["tokens"] == per_run * result["repeats"]
+    if name == "decode_step":
+        batch = result["batches"]["8"]
+        assert batch["unfused_ms"] / batch["fused_ms"] == pytest.approx(
+            batch["unfused_to_fused_ratio"]
+        )
     if name == "memory":
         assert result["cached_entry_bytes"] <= result["targeted_weight_bytes"]
         assert result["targeted_weight_bytes"] < result["full_model_copy_bytes"]

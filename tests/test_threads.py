@@ -1,7 +1,7 @@
 """Tensor work outside the decode loop runs on threads that exit when it is done.
 
-GNU OpenMP keeps a team of workers for every live thread that ran a parallel region, and more
-teams than cores slow every decode step; ``server.threads`` explains the measurement. These tests
+GNU OpenMP keeps a team of workers for every live thread that ran a parallel region. More team
+threads than cores slow every decode step, as ``server.threads`` explains with measurements. These tests
 check the mechanism: the work runs on another thread, that thread is gone afterwards, results and
 errors reach the caller, and the engine's fusion and start-up go through it.
 """
@@ -20,7 +20,7 @@ from server.settings import Settings
 from server.threads import run_in_new_thread
 
 
-def test_result_comes_back_from_another_thread_that_has_exited():
+def test_result_from_exited_thread():
     seen = {}
 
     def work(a, b, scale=1):
@@ -32,7 +32,7 @@ def test_result_comes_back_from_another_thread_that_has_exited():
     assert not seen["thread"].is_alive()
 
 
-def test_error_is_raised_in_the_caller_with_its_type():
+def test_error_reraised_in_caller():
     def work():
         raise KeyError("no such vector")
 
