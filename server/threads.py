@@ -1,9 +1,9 @@
 """Run tensor work that does not belong to the decode loop on a thread that exits afterwards.
 
 PyTorch's CPU build runs its parallel regions on GNU OpenMP. Every thread that opens a parallel
-region keeps its own team of worker threads for as long as it lives, and once the teams of all
-live threads hold more threads than the machine has cores, GNU OpenMP shortens how long idle
-workers spin before they sleep. From then on every parallel region pays for waking its workers.
+region keeps its own team of worker threads for as long as it lives. Once the teams of all live
+threads contain more threads than the machine has cores, GNU OpenMP shortens how long idle
+workers spin before they sleep, so from then on every parallel region pays for waking them.
 A decode step of a small model is hundreds of short operations, so it pays that cost hundreds of
 times: on a 2-core machine, a batch-of-8 step of SmolLM2-135M took 94 ms instead of 72 ms on
 fused weights, and 134 ms instead of 79 ms on the unfused path, while a second team was alive.
