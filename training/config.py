@@ -39,3 +39,26 @@ class AspectRunConfig(BaseModel):
     def effective_batch_size(self) -> int:
         """Pairs per optimizer step."""
         return self.batch_size * self.gradient_accumulation
+
+
+class ScorerRunConfig(BaseModel):
+    """One reward-model run: a Bradley–Terry scorer of one aspect on a sentence encoder."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    aspect: str = Field(pattern="^(helpfulness|harmlessness)$")
+    data: tuple[Path, ...] = Field(min_length=1, description="HH-RLHF files or folders")
+    output_dir: Path
+    encoder: str | None = Field(
+        default=None, description="a local encoder folder; None for the packaged all-MiniLM-L6-v2"
+    )
+    heldout_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    max_train_pairs: int | None = Field(default=None, gt=0)
+    max_heldout_pairs: int | None = Field(default=None, gt=0)
+    epochs: float = Field(default=1.0, gt=0.0)
+    batch_size: int = Field(default=8, gt=0)
+    learning_rate: float = Field(default=3e-5, gt=0.0)
+    max_length: int = Field(default=256, gt=8)
+    seed: int = 0
+    save_every: int = Field(default=50, gt=0)
+    threads: int | None = Field(default=None, gt=0)
