@@ -239,9 +239,13 @@ def export_newest_checkpoint(config: AspectRunConfig) -> Path:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(aspect_required: bool = True) -> argparse.ArgumentParser:
+    """Return the parser of a DPO run's options; without ``aspect_required``, no ``--aspect``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--aspect", required=True, choices=["helpfulness", "harmlessness", "mixed"])
+    if aspect_required:
+        parser.add_argument(
+            "--aspect", required=True, choices=["helpfulness", "harmlessness", "mixed"]
+        )
     parser.add_argument(
         "--data", required=True, nargs="+", type=Path, help="HH-RLHF files or folders"
     )
@@ -274,13 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    args = build_parser().parse_args(argv)
-    config = AspectRunConfig(
-        aspect=args.aspect,
+def config_from_args(args: argparse.Namespace, aspect: str | None = None) -> AspectRunConfig:
+    """Return the run config of parsed options; ``aspect`` overrides ``args.aspect``."""
+    return AspectRunConfig(
+        aspect=aspect or args.aspect,
         data=tuple(args.data),
         output_dir=args.output_dir,
         base_model=args.base_model,
@@ -300,6 +301,14 @@ def main(argv: list[str] | None = None) -> None:
         save_every=args.save_every,
         threads=args.threads,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
     if args.export_checkpoint:
         export_newest_checkpoint(config)
     else:

@@ -1,0 +1,120 @@
+"""Train the generalist task vector τ_gen from the interpolated initialisation, resumably.
+
+Run as ``python -m training.generalist --bundle DIR --data PATH ... --output-dir DIR``. The
+policy starts at θ_init = θ₀ + λ·τ_help + (1 − λ)·τ_harm, fused from the bundle's two aspect
+vectors (λ = 0.5 unless ``--init-weight`` says otherwise), and is trained once with DPO on the
+mixed data: the helpfulness and harmlessness pairs together. The LoRA learned on top of θ_init is
+τ_gen = θ_gen − θ_init. The DPO reference is θ_init itself (the adapter switched off).
+
+The run writes what :mod:`training.dpo` writes (``task_vector.safetensors`` and ``record.json``,
+resumable from checkpoints), and the record gains an ``init`` entry: λ, the bundle and the sha256
+of each vector file fused into θ_init.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from peo_merge.base_model import load_base_model, resolve_base_model, sha256_file
+from peo_merge.bundle import load_bundle
+from peo_merge.fused_model import base_state
+from peo_merge.fusion import Fuser
+from training.config import AspectRunConfig
+from training.dpo import (
+    RECORD_FILE,
+    build_parser,
+    config_from_args,
+    export_newest_checkpoint,
+    train_aspect,
+)
+
+logger = logging.getLogger(__name__)
+
+ASPECT_VECTORS = ("helpfulness", "harmlessness")
+
+
+def init_coefficients(init_weight: float) -> dict[str, float]:
+    """Return the coefficients of θ_init = θ₀ + λ·τ_help + (1 − λ)·τ_harm."""
+    if not 0.0 <= init_weight <= 1.0:
+        raise ValueError(f"init_weight (λ) is {init_weight}; allowed: a number in [0, 1]")
+    return {"helpfulness": init_weight, "harmlessness": 1.0 - init_weight}
+
+
+def fuse_into_model(model, bundle_path: Path, coefficients: dict[str, float]) -> None:
+    """Overwrite the model's targeted weights with θ₀ + Σ cₖ·τₖ from the bundle's vectors.
+
+    Raises:
+        KeyError: the bundle lacks one of the aspect vectors, naming it and what it has.
+    """
+    bundle = load_bundle(bundle_path)
+    missing = [name for name in coefficients if name not in bundle.vectors]
+    if missing:
+        raise KeyError(
+            f"bundle {bundle_path} has no vector {missing[0]!r}; it has {sorted(bundle.vectors)}"
+        )
+    vectors = {name: bundle.vectors[name] for name in coefficients}
+    state = base_state(model)
+    fuser = Fuser(state, vectors)
+    buffers = fuser.allocate()
+    fuser.fuse_into(buffers, coefficients)
+    with torch.no_grad():
+        for name, fused in buffers.items():
+            state[name].copy_(fused)
+
+
+def train_generalist(config: AspectRunConfig, bundle_path: Path, init_weight: float = 0.5) -> Path:
+    """Fuse θ_init, train τ_gen on top with DPO, and record the initialisation.
+
+    Returns:
+        The path of the exported task vector file.
+    """
+    coefficients = init_coefficients(init_weight)
+    model, tokenizer = load_base_model(resolve_base_model(config.base_model))
+    fuse_into_model(model, bundle_path, coefficients)
+    logger.info("generalist: θ_init fused with %s from %s", coefficients, bundle_path)
+    vector_path = train_aspect(config, model=model, tokenizer=tokenizer)
+    record_init(config, bundle_path, init_weight)
+    return vector_path
+
+
+def record_init(config: AspectRunConfig, bundle_path: Path, init_weight: float) -> None:
+    """Add the ``init`` entry (λ, the bundle, its vector hashes) to the run's ``record.json``."""
+    coefficients = init_coefficients(init_weight)
+    bundle = load_bundle(bundle_path)
+    record_path = config.output_dir / RECORD_FILE
+    record = json.loads(record_path.read_text())
+    record["init"] = {
+        "lambda": init_weight,
+        "coefficients": coefficients,
+        "bundle": str(bundle_path),
+        "vector_sha256": {
+            name: sha256_file(bundle.path / bundle.manifest.vectors[name].file)
+            for name in coefficients
+        },
+    }
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    parser = build_parser(aspect_required=False)
+    parser.description = __doc__.splitlines()[0]
+    parser.add_argument("--bundle", required=True, type=Path, help="bundle with both vectors")
+    parser.add_argument("--init-weight", type=float, default=0.5, help="λ of θ_init")
+    args = parser.parse_args(argv)
+    config = config_from_args(args, aspect="mixed")
+    if args.export_checkpoint:
+        export_newest_checkpoint(config)
+        record_init(config, args.bundle, args.init_weight)
+    else:
+        train_generalist(config, args.bundle, args.init_weight)
+
+
+if __name__ == "__main__":
+    main()
