@@ -1,7 +1,7 @@
 """The generalist phase on a tiny random Llama: fusing θ_init, training τ_gen, recording both.
 
-The base and the aspect vectors are random, so nothing is learned; the tests check that θ_init
-is the intended interpolation and that the run trains and records on top of it.
+The base and the aspect vectors are random, so nothing is learned. The tests check that θ_init
+is the intended interpolation, and that the run trains on top of it and records it.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def test_encode_short_inputs_keeps_everything(tokenizer):
     assert tokenizer.decode(ids, skip_special_tokens=True) == "human : hi assistant : hello there"
 
 
-def test_encode_long_context_keeps_its_end_and_the_response(tokenizer):
+def test_encode_long_context_keeps_end(tokenizer):
     context = " ".join(f"word{i}" for i in range(300)) + " final question"
     ids = encode_response(tokenizer, context, "short answer", 48)
     assert len(ids) == 48
@@ -57,7 +57,7 @@ def test_encode_long_context_keeps_its_end_and_the_response(tokenizer):
     assert "word0 " not in text
 
 
-def test_encode_long_response_keeps_its_start_and_some_context(tokenizer):
+def test_encode_long_response_keeps_start(tokenizer):
     response = "begin " + " ".join(["filler"] * 300)
     ids = encode_response(tokenizer, "Human: question\n\nAssistant:", response, 40)
     assert len(ids) == 40

@@ -2,7 +2,7 @@
 
 Run as ``python -m training.generalist --bundle DIR --data PATH ... --output-dir DIR``. The
 policy starts at θ_init = θ₀ + λ·τ_help + (1 − λ)·τ_harm, fused from the bundle's two aspect
-vectors (λ = 0.5 unless ``--init-weight`` says otherwise), and is trained once with DPO on the
+vectors (λ = 0.5 unless ``--init-weight`` sets it), and is trained once with DPO on the
 mixed data: the helpfulness and harmlessness pairs together. The LoRA learned on top of θ_init is
 τ_gen = θ_gen − θ_init. The DPO reference is θ_init itself (the adapter switched off).
 

@@ -52,7 +52,7 @@ def peo_candidates(
 ) -> list[Candidate]:
     """Return θ_init + τ_gen + α·τ_help + β·τ_harm for every (α, β) of the grid.
 
-    ``offset`` holds the coefficients of θ_init + τ_gen, for example ``{"helpfulness": 0.5,
+    ``offset`` contains the coefficients of θ_init + τ_gen, for example ``{"helpfulness": 0.5,
     "harmlessness": 0.5, "generalist": 1.0}``.
     """
     candidates = []
