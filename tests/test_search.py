@@ -174,7 +174,14 @@ def test_summary_rejects_unknown_method():
 def test_outputs_follow_their_schemas(tmp_path):
     write_outputs(HAND_MADE, tmp_path)
     document = json.loads((tmp_path / PARETO_FILE).read_text())
-    assert set(document) == {"reference_point", "hypervolume", "fronts", "points"}
+    assert set(document) == {
+        "reference_point",
+        "hypervolume",
+        "fronts",
+        "points",
+        "preference_map_kind",
+    }
+    assert document["preference_map_kind"] == "front"
     for entry in document["points"]:
         assert set(entry) == {"method", "alpha", "beta", "coefficients", "help_score", "harm_score"}
 
@@ -184,6 +191,15 @@ def test_outputs_follow_their_schemas(tmp_path):
     assert mapping.coefficients(0.5) == (0.0, 0.0)
 
     assert (tmp_path / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_single_point_front_maps_every_position_to_it(tmp_path):
+    points = [point("peo", 0.5, 0.0, 3.0, 3.0), point("peo", 1.0, -0.5, 2.0, 1.0)]
+    document = write_outputs(points, tmp_path)
+    assert document["preference_map_kind"] == "single_point"
+    mapping = PreferenceMap.from_json(json.loads((tmp_path / MAP_FILE).read_text()))
+    assert mapping.coefficients(0.0) == (0.5, 0.0)
+    assert mapping.coefficients(1.0) == (0.5, 0.0)
 
 
 def test_outputs_need_peo_points(tmp_path):

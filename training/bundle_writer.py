@@ -38,8 +38,14 @@ def _portable_data_files(data_files: dict[str, str]) -> dict[str, str]:
 def recipe_from_record(record: dict) -> dict:
     """Return the manifest recipe of a run: data, steps, batch, length, rates, LoRA and timing."""
     config = record["config"]
-    return {
-        "method": "DPO (TRL DPOTrainer) with a LoRA adapter, from the base model",
+    init = record.get("init")
+    start = "the base model"
+    if init is not None:
+        start = "θ₀ + " + " + ".join(
+            f"{value:g}·τ_{name}" for name, value in init["coefficients"].items()
+        )
+    recipe = {
+        "method": f"DPO (TRL DPOTrainer) with a LoRA adapter, from {start}",
         "data_files": _portable_data_files(record["data_files"]),
         "train_pairs": record["train_pairs"],
         "heldout_pairs": record["heldout_pairs"],
@@ -60,10 +66,27 @@ def recipe_from_record(record: dict) -> dict:
         "wall_time_seconds": record["wall_time_seconds"],
         "torch_threads": record.get("torch_threads"),
     }
+    if init is not None:
+        recipe["init"] = {key: init[key] for key in ("lambda", "coefficients", "vector_sha256")}
+    return recipe
 
 
-def write_bundle(runs: dict[str, Path], output: Path, name: str) -> Manifest:
-    """Copy each run's task vector into ``output/vectors`` as fp16 and write the manifest."""
+def write_bundle(
+    runs: dict[str, Path],
+    output: Path,
+    name: str,
+    offset: dict[str, float] | None = None,
+    phases: dict | None = None,
+) -> Manifest:
+    """Copy each run's task vector into ``output/vectors`` as fp16 and write the manifest.
+
+    Args:
+        runs: vector name → run folder.
+        output: the bundle folder.
+        name: the bundle's name.
+        offset: coefficients every request adds, for example θ_init + τ_gen.
+        phases: the manifest's ``phases``; by default the wall time of each run.
+    """
     output.mkdir(parents=True, exist_ok=True)
     vectors_dir = output / "vectors"
     if vectors_dir.exists():
@@ -95,10 +118,11 @@ def write_bundle(runs: dict[str, Path], output: Path, name: str) -> Manifest:
         base_model=base_identity,
         dtype="float16",
         vectors=entries,
-        offset={},
+        offset=offset or {},
         coefficient_bounds=CoefficientBounds(min=-1.0, max=2.0),
         default_preference=0.5,
-        phases={
+        phases=phases
+        or {
             "aspect_learning": {
                 aspect: entry.recipe["wall_time_seconds"] for aspect, entry in entries.items()
             }

@@ -3,7 +3,8 @@
 Every method's points get their own Pareto front and hypervolume, all against one reference
 point: the lowest helpfulness and harmlessness scores among all evaluated points, each lowered
 by a tenth of that score's range. So every evaluated point adds area if it is on a front, and the
-hypervolumes of the methods are comparable. The preference map is read off the PEO front.
+hypervolumes of the methods are comparable. The preference map is read off the PEO front, or
+is constant when that front is a single point.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 
 from peo_merge.pareto import ScoredPoint, hypervolume, pareto_front, preference_map_from_front
+from peo_merge.preference_map import MapPoint, PreferenceMap
 
 METHODS = ("peo", "soup", "mixed_dpo", "base", "help_only", "harm_only")
 PARETO_FILE = "pareto.json"
@@ -79,12 +81,27 @@ def write_outputs(points: list[dict], folder: Path) -> dict:
     if "peo" not in document["fronts"]:
         raise ValueError("no PEO points were scored, so there is no front to map")
     front = [scored(point | {"method": "peo"}) for point in document["fronts"]["peo"]]
-    preference_map = preference_map_from_front(front, source="pareto")
+    preference_map = map_from_front(front)
+    document["preference_map_kind"] = "single_point" if len(front) == 1 else "front"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / PARETO_FILE).write_text(json.dumps(document, indent=2) + "\n")
     (folder / MAP_FILE).write_text(json.dumps(preference_map.to_json(), indent=2) + "\n")
     plot(document, folder / PLOT_FILE)
     return document
+
+
+def map_from_front(front: list[ScoredPoint]) -> PreferenceMap:
+    """Return the slider map of a PEO front.
+
+    A front of one point means that model is at least as good as every other on both scores, so
+    every slider position maps to it. Otherwise the map is read off the front
+    (:func:`peo_merge.pareto.preference_map_from_front`).
+    """
+    if len(front) == 1:
+        point = front[0]
+        ends = [MapPoint(w, point.helpfulness, point.harmlessness) for w in (0.0, 1.0)]
+        return PreferenceMap(ends, source="pareto")
+    return preference_map_from_front(front, source="pareto")
 
 
 def plot(document: dict, path: Path) -> None:

@@ -1,0 +1,168 @@
+"""The whole offline pipeline from one config, on a tiny random Llama and a tiny random encoder.
+
+Every phase runs for real with tiny settings: DPO for both aspects, the scorers, the generalist,
+the mixed-data baseline, the search and the final bundle. The test checks each output file's
+schema, that the server's loader accepts the bundle, and that a second run skips every phase.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from peo_merge.bundle import load_bundle
+from peo_merge.preference_map import PreferenceMap
+from tests.test_training import write_pairs
+from tests.tiny_model import write_tiny_base
+from training.pipeline import PHASE_FILE, PipelineConfig, run_pipeline
+from training.report import METHODS
+from training.reward import default_encoder
+
+PHASES = [
+    "helpfulness",
+    "harmlessness",
+    "aspect_bundle",
+    "scorer_helpfulness",
+    "scorer_harmlessness",
+    "generalist",
+    "mixed",
+    "search",
+    "bundle",
+]
+
+
+def write_tiny_encoder(folder):
+    tokenizer = AutoTokenizer.from_pretrained(default_encoder())
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=1,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    write_pairs(root / "help.jsonl", 40)
+    write_pairs(root / "harm.jsonl", 30)
+    config = PipelineConfig.model_validate(
+        {
+            "base_model": str(write_tiny_base(root / "base")),
+            "helpfulness_data": [str(root / "help.jsonl")],
+            "harmlessness_data": [str(root / "harm.jsonl")],
+            "work_dir": str(root / "work"),
+            "bundle_dir": str(root / "bundle"),
+            "bundle_name": "tiny",
+            "threads": 1,
+            "dpo": {
+                "steps": 2,
+                "batch_size": 2,
+                "gradient_accumulation": 1,
+                "max_length": 96,
+                "max_prompt_tokens": 64,
+                "lora_rank": 2,
+                "lora_alpha": 4.0,
+                "lora_targets": ["q_proj", "v_proj"],
+                "save_every": 1,
+            },
+            "scorer": {
+                "encoder": str(write_tiny_encoder(root / "encoder")),
+                "batch_size": 8,
+                "max_length": 64,
+                "learning_rate": 1e-3,
+            },
+            "search": {
+                "alphas": [-0.5, 0.5, 1.5],
+                "betas": [-0.5, 0.5, 1.5],
+                "soup_points": 3,
+                "prompts_per_aspect": 2,
+                "max_prompt_tokens": 64,
+                "max_new_tokens": 3,
+                "batch_size": 8,
+                "candidates_per_batch": 3,
+            },
+        }
+    )
+    first = run_pipeline(config)
+    return config, first
+
+
+def test_first_run_runs_every_phase(pipeline):
+    config, first = pipeline
+    assert first == {"ran": PHASES, "skipped": []}
+    for phase in PHASES:
+        record = json.loads((config.work_dir / phase / PHASE_FILE).read_text())
+        assert record["phase"] == phase
+        assert len(record["config_sha256"]) == 64
+
+
+def test_second_run_skips_every_phase(pipeline):
+    config, _ = pipeline
+    assert run_pipeline(config) == {"ran": [], "skipped": PHASES}
+
+
+def test_changed_search_reruns_only_search_and_bundle(pipeline):
+    config, _ = pipeline
+    changed = config.model_copy(
+        update={"search": config.search.model_copy(update={"max_new_tokens": 2})}
+    )
+    result = run_pipeline(changed)
+    assert result["ran"] == ["search", "bundle"]
+    points = (config.work_dir / "search" / "points.jsonl").read_text().splitlines()
+    assert len(points) == 9 + 3 + 4  # the grid, soup, and base, aspects alone, mixed DPO
+    assert all(
+        len(response.split()) <= 8 for line in points for response in json.loads(line)["responses"]
+    )
+
+
+def test_bundle_holds_vectors_offset_and_phases(pipeline):
+    config, _ = pipeline
+    bundle = load_bundle(config.bundle_dir)
+    assert set(bundle.vectors) == {"helpfulness", "harmlessness", "generalist"}
+    manifest = bundle.manifest
+    assert manifest.offset == {"helpfulness": 0.5, "harmlessness": 0.5, "generalist": 1.0}
+    generalist = manifest.vectors["generalist"].recipe
+    assert generalist["init"]["lambda"] == 0.5
+    assert "θ₀ + 0.5·τ_helpfulness + 0.5·τ_harmlessness" in generalist["method"]
+    for phase in ("aspect_learning", "scorers", "generalist", "mixed_dpo_baseline", "search"):
+        assert phase in manifest.phases
+    assert bundle.preference_map is not None
+
+
+def test_pareto_json_schema(pipeline):
+    config, _ = pipeline
+    document = json.loads((config.bundle_dir / "pareto.json").read_text())
+    assert set(document["hypervolume"]) == set(METHODS)
+    assert all(volume >= 0 for volume in document["hypervolume"].values())
+    assert set(document["fronts"]) == set(METHODS)
+    methods = [point["method"] for point in document["points"]]
+    assert methods.count("peo") == 9
+    assert methods.count("soup") == 3
+    for point in document["points"]:
+        assert isinstance(point["help_score"], float)
+        assert isinstance(point["harm_score"], float)
+    assert set(document["reference_point"]) == {"help_score", "harm_score"}
+
+
+def test_preference_map_and_plot(pipeline):
+    config, _ = pipeline
+    mapping = PreferenceMap.from_json(
+        json.loads((config.bundle_dir / "preference_map.json").read_text())
+    )
+    alphas = [mapping.coefficients(w / 10)[0] for w in range(11)]
+    betas = [mapping.coefficients(w / 10)[1] for w in range(11)]
+    assert alphas == sorted(alphas)
+    assert betas == sorted(betas, reverse=True)
+    with Image.open(config.bundle_dir / "pareto.png") as image:
+        assert image.format == "PNG"
+        assert image.size[0] > 300

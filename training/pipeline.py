@@ -1,0 +1,398 @@
+"""Run every offline phase from one config file, skipping phases whose outputs match it.
+
+Run as ``python -m training.pipeline CONFIG.json``. The phases, in order:
+
+1. ``helpfulness`` and ``harmlessness``: one DPO task vector per aspect, from θ₀.
+2. ``aspect_bundle``: a bundle of the two vectors, which θ_init is fused from.
+3. ``scorer_helpfulness`` and ``scorer_harmlessness``: the reward-model scorers.
+4. ``generalist``: τ_gen, DPO on the mixed data from θ_init.
+5. ``mixed``: the single-objective baseline, DPO on the mixed data from θ₀.
+6. ``search``: every PEO grid point and baseline generated and scored.
+7. ``bundle``: the final bundle with τ_help, τ_harm and τ_gen, the offset θ_init + τ_gen, the
+   Pareto data, the preference map and the plot.
+
+Each finished phase writes ``WORK/PHASE/phase.json`` with the sha256 of the config it ran with,
+which covers its own settings and those of every phase it depends on. A phase whose record
+matches is skipped. A phase whose record is missing or differs runs again; the training phases
+resume from their own checkpoints when they can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from peo_merge.base_model import load_base_model, resolve_base_model
+from peo_merge.bundle import load_bundle
+from peo_merge.task_vector import load_task_vector
+from training.bundle_writer import write_bundle
+from training.config import DEFAULT_TARGETS, AspectRunConfig, ScorerRunConfig
+from training.data import read_pairs, render_prompt, split_train_heldout
+from training.dpo import RECORD_FILE, VECTOR_FILE, train_aspect
+from training.generalist import train_generalist
+from training.report import write_outputs
+from training.reward import RewardScorer, train_scorer
+from training.search import (
+    Generator,
+    evaluate_candidates,
+    peo_candidates,
+    single_candidates,
+    soup_candidates,
+)
+
+logger = logging.getLogger(__name__)
+
+PHASE_FILE = "phase.json"
+ASPECTS = ("helpfulness", "harmlessness")
+# vector name in the final bundle → the phase whose run trained it
+VECTOR_RUNS = {
+    "helpfulness": "helpfulness",
+    "harmlessness": "harmlessness",
+    "generalist": "generalist",
+}
+
+
+class DpoSettings(BaseModel):
+    """The DPO recipe shared by the aspect, generalist and mixed-data runs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(default=240, gt=0)
+    generalist_steps: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=4, gt=0)
+    gradient_accumulation: int = Field(default=2, gt=0)
+    max_length: int = Field(default=192, gt=16)
+    max_prompt_tokens: int = Field(default=112, gt=8)
+    learning_rate: float = Field(default=5e-4, gt=0.0)
+    beta: float = Field(default=0.1, gt=0.0)
+    lora_rank: int = Field(default=8, gt=0)
+    lora_alpha: float = Field(default=16.0, gt=0.0)
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    max_train_pairs: int | None = Field(default=None, gt=0)
+    save_every: int = Field(default=10, gt=0)
+
+
+class ScorerSettings(BaseModel):
+    """The reward-model recipe of both scorers."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    encoder: str | None = None
+    epochs: float = Field(default=1.0, gt=0.0)
+    batch_size: int = Field(default=8, gt=0)
+    learning_rate: float = Field(default=3e-5, gt=0.0)
+    max_length: int = Field(default=256, gt=8)
+    max_train_pairs: int | None = Field(default=None, gt=0)
+    save_every: int = Field(default=50, gt=0)
+
+
+class SearchSettings(BaseModel):
+    """The grid, the baselines' size and the generation of the search."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    alphas: tuple[float, ...] = (-0.5, 0.0, 0.5, 1.0, 1.5)
+    betas: tuple[float, ...] = (-0.5, 0.0, 0.5, 1.0, 1.5)
+    # None: as many soup points as grid points, so both methods get the same number of models
+    soup_points: int | None = Field(default=None, ge=2)
+    prompts_per_aspect: int = Field(default=32, gt=0)
+    max_prompt_tokens: int = Field(default=112, gt=8)
+    max_new_tokens: int = Field(default=48, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+    candidates_per_batch: int = Field(default=1, gt=0)
+
+
+class PipelineConfig(BaseModel):
+    """Everything one pipeline run depends on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_model: str | None = None
+    helpfulness_data: tuple[Path, ...] = Field(min_length=1)
+    harmlessness_data: tuple[Path, ...] = Field(min_length=1)
+    work_dir: Path
+    bundle_dir: Path
+    bundle_name: str = "smollm2-hh"
+    seed: int = 0
+    heldout_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    init_weight: float = Field(default=0.5, ge=0.0, le=1.0)
+    threads: int | None = Field(default=None, gt=0)
+    dpo: DpoSettings = DpoSettings()
+    scorer: ScorerSettings = ScorerSettings()
+    search: SearchSettings = SearchSettings()
+
+
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Phases:
+    """Runs named phases once per config, recording each one's config hash and wall time."""
+
+    def __init__(self, work_dir: Path):
+        self.work_dir = work_dir
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    def folder(self, name: str) -> Path:
+        return self.work_dir / name
+
+    def record(self, name: str) -> dict | None:
+        path = self.folder(name) / PHASE_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def run(self, name: str, settings, work) -> dict:
+        """Run ``work(folder)`` unless the phase already ran with ``settings``; return its record."""
+        expected = digest(settings)
+        record = self.record(name)
+        if record is not None and record["config_sha256"] == expected:
+            logger.info("phase %s: outputs match the config, skipped", name)
+            self.skipped.append(name)
+            return record
+        logger.info("phase %s: running", name)
+        folder = self.folder(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        work(folder)
+        record = {
+            "phase": name,
+            "config_sha256": expected,
+            "wall_time_seconds": round(time.monotonic() - started, 1),
+        }
+        (folder / PHASE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        self.ran.append(name)
+        return record
+
+
+def dpo_config(config: PipelineConfig, aspect: str, data, output_dir: Path, steps: int):
+    recipe = config.dpo
+    return AspectRunConfig(
+        aspect=aspect,
+        data=tuple(data),
+        output_dir=output_dir,
+        base_model=config.base_model,
+        heldout_fraction=config.heldout_fraction,
+        max_train_pairs=recipe.max_train_pairs,
+        steps=steps,
+        batch_size=recipe.batch_size,
+        gradient_accumulation=recipe.gradient_accumulation,
+        max_length=recipe.max_length,
+        max_prompt_tokens=recipe.max_prompt_tokens,
+        learning_rate=recipe.learning_rate,
+        beta=recipe.beta,
+        lora_rank=recipe.lora_rank,
+        lora_alpha=recipe.lora_alpha,
+        lora_targets=recipe.lora_targets,
+        seed=config.seed,
+        save_every=recipe.save_every,
+        threads=config.threads,
+    )
+
+
+def search_prompts(config: PipelineConfig, tokenizer) -> list[tuple[str, tuple]]:
+    """Return the first held-out prompts of each aspect, rendered, with their dialogue turns."""
+    prompts = []
+    for data in (config.helpfulness_data, config.harmlessness_data):
+        pairs = [pair for path in data for pair in read_pairs(path)]
+        _, heldout = split_train_heldout(pairs, config.heldout_fraction, config.seed)
+        for pair in heldout[: config.search.prompts_per_aspect]:
+            prompt = render_prompt(pair, tokenizer, config.search.max_prompt_tokens)
+            prompts.append((prompt, pair.messages))
+    return prompts
+
+
+def run_pipeline(config: PipelineConfig) -> dict:
+    """Run every phase that does not match its record yet; return what ran and what was skipped."""
+    import torch
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    phases = Phases(config.work_dir)
+    mixed_data = config.helpfulness_data + config.harmlessness_data
+    generalist_steps = config.dpo.generalist_steps or config.dpo.steps
+    common = {
+        "base_model": config.base_model,
+        "seed": config.seed,
+        "heldout_fraction": config.heldout_fraction,
+    }
+    dpo_settings = common | {"dpo": config.dpo.model_dump()}
+    records = {}
+
+    for aspect, data in (
+        ("helpfulness", config.helpfulness_data),
+        ("harmlessness", config.harmlessness_data),
+    ):
+        settings = dpo_settings | {"aspect": aspect, "data": data}
+        records[aspect] = phases.run(
+            aspect,
+            settings,
+            lambda folder, aspect=aspect, data=data: train_aspect(
+                dpo_config(config, aspect, data, folder, config.dpo.steps)
+            ),
+        )
+
+    aspect_settings = {name: records[name]["config_sha256"] for name in ASPECTS}
+    records["aspect_bundle"] = phases.run(
+        "aspect_bundle",
+        aspect_settings,
+        lambda folder: write_bundle(
+            {name: phases.folder(name) for name in ASPECTS}, folder, "aspects"
+        ),
+    )
+
+    for aspect, data in (
+        ("helpfulness", config.helpfulness_data),
+        ("harmlessness", config.harmlessness_data),
+    ):
+        name = f"scorer_{aspect}"
+        settings = common | {"scorer": config.scorer.model_dump(), "aspect": aspect, "data": data}
+        records[name] = phases.run(
+            name,
+            settings,
+            lambda folder, aspect=aspect, data=data: train_scorer(
+                ScorerRunConfig(
+                    aspect=aspect,
+                    data=tuple(data),
+                    output_dir=folder,
+                    encoder=config.scorer.encoder,
+                    heldout_fraction=config.heldout_fraction,
+                    max_train_pairs=config.scorer.max_train_pairs,
+                    epochs=config.scorer.epochs,
+                    batch_size=config.scorer.batch_size,
+                    learning_rate=config.scorer.learning_rate,
+                    max_length=config.scorer.max_length,
+                    seed=config.seed,
+                    save_every=config.scorer.save_every,
+                    threads=config.threads,
+                )
+            ),
+        )
+
+    generalist_settings = dpo_settings | {
+        "init_weight": config.init_weight,
+        "steps": generalist_steps,
+        "aspects": records["aspect_bundle"]["config_sha256"],
+        "data": mixed_data,
+    }
+    records["generalist"] = phases.run(
+        "generalist",
+        generalist_settings,
+        lambda folder: train_generalist(
+            dpo_config(config, "mixed", mixed_data, folder, generalist_steps),
+            phases.folder("aspect_bundle"),
+            config.init_weight,
+        ),
+    )
+    records["mixed"] = phases.run(
+        "mixed",
+        dpo_settings | {"aspect": "mixed", "data": mixed_data},
+        lambda folder: train_aspect(
+            dpo_config(config, "mixed", mixed_data, folder, config.dpo.steps)
+        ),
+    )
+
+    offset = {
+        "helpfulness": config.init_weight,
+        "harmlessness": 1.0 - config.init_weight,
+        "generalist": 1.0,
+    }
+    upstream = {
+        name: records[name]["config_sha256"]
+        for name in ("generalist", "mixed", "scorer_helpfulness", "scorer_harmlessness")
+    }
+    search_settings = {"search": config.search.model_dump(), "upstream": upstream} | common
+
+    def search(folder: Path) -> None:
+        # points scored under other settings must not be reused: start the file afresh
+        marker = folder / "search_config.json"
+        expected = digest(search_settings)
+        if not marker.is_file() or json.loads(marker.read_text())["sha256"] != expected:
+            (folder / "points.jsonl").unlink(missing_ok=True)
+            marker.write_text(json.dumps({"sha256": expected}) + "\n")
+        model, tokenizer = load_base_model(resolve_base_model(config.base_model))
+        vectors = dict(load_bundle(phases.folder("aspect_bundle")).vectors)
+        for name, run in (("generalist", "generalist"), ("mixed", "mixed")):
+            record = json.loads((phases.folder(run) / RECORD_FILE).read_text())
+            scaling = record["config"]["lora_alpha"] / record["config"]["lora_rank"]
+            vectors[name] = load_task_vector(
+                phases.folder(run) / VECTOR_FILE, name, "lowrank", scaling
+            )
+        generator = Generator(
+            model,
+            tokenizer,
+            vectors,
+            max_new_tokens=config.search.max_new_tokens,
+            batch_size=config.search.batch_size,
+        )
+        scorers = {
+            "help_score": RewardScorer(phases.folder("scorer_helpfulness")).score,
+            "harm_score": RewardScorer(phases.folder("scorer_harmlessness")).score,
+        }
+        candidates = (
+            peo_candidates(config.search.alphas, config.search.betas, offset)
+            + soup_candidates(
+                config.search.soup_points or len(config.search.alphas) * len(config.search.betas)
+            )
+            + single_candidates("mixed")
+        )
+        evaluate_candidates(
+            candidates,
+            search_prompts(config, tokenizer),
+            generator,
+            scorers,
+            folder,
+            config.search.candidates_per_batch,
+        )
+
+    records["search"] = phases.run("search", search_settings, search)
+
+    def bundle(folder: Path) -> None:
+        wall = {name: record["wall_time_seconds"] for name, record in records.items()}
+        write_bundle(
+            {name: phases.folder(run) for name, run in VECTOR_RUNS.items()},
+            config.bundle_dir,
+            config.bundle_name,
+            offset=offset,
+            phases={
+                "aspect_learning": {name: wall[name] for name in ASPECTS},
+                "scorers": {name: wall[f"scorer_{name}"] for name in ASPECTS},
+                "generalist": wall["generalist"],
+                "mixed_dpo_baseline": wall["mixed"],
+                "search": wall["search"],
+                "init_weight": config.init_weight,
+            },
+        )
+        points = [
+            json.loads(line)
+            for line in (phases.folder("search") / "points.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
+        write_outputs(points, config.bundle_dir)
+
+    records["bundle"] = phases.run(
+        "bundle",
+        {"search": records["search"]["config_sha256"], "bundle_dir": config.bundle_dir},
+        bundle,
+    )
+    return {"ran": phases.ran, "skipped": phases.skipped}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path, help="a JSON file with the pipeline's settings")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = PipelineConfig.model_validate_json(args.config.read_text())
+    print(json.dumps(run_pipeline(config)))
+
+
+if __name__ == "__main__":
+    main()
