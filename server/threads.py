@@ -5,8 +5,9 @@ region keeps its own team of worker threads for as long as it lives. Once the te
 threads contain more threads than the machine has cores, GNU OpenMP shortens how long idle
 workers spin before they sleep, so from then on every parallel region pays for waking them.
 A decode step of a small model is hundreds of short operations, so it pays that cost hundreds of
-times: on a 2-core machine, a batch-of-8 step of SmolLM2-135M took 94 ms instead of 72 ms on
-fused weights, and 134 ms instead of 79 ms on the unfused path, while a second team was alive.
+times: on a 2-core machine, a batch-of-8 step of SmolLM2-135M took 95 ms instead of 72 ms on
+fused weights, and 136 ms instead of 80 ms on the unfused path, while a second team was alive
+(``python -m benchmarks.decode_step``).
 
 So the decode loop's thread is the only long-lived thread that runs tensor work. Start-up and
 fusion run through :func:`run_in_new_thread`: the thread that did the work exits, and its team

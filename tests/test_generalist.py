@@ -68,8 +68,18 @@ def test_fuse_names_a_missing_vector(tiny):
         fuse_into_model(model, bundle_path, {"generalist": 1.0})
 
 
-def test_generalist_run_trains_and_records_init(tiny):
+def test_generalist_run_trains_and_records_init(tiny, monkeypatch):
     folder, base, bundle_path = tiny
+    import training.generalist as generalist
+
+    started_from = {}
+    real_train_aspect = generalist.train_aspect
+
+    def recording_train_aspect(config, model=None, tokenizer=None):
+        started_from.update({k: v.clone() for k, v in base_state(model).items()})
+        return real_train_aspect(config, model=model, tokenizer=tokenizer)
+
+    monkeypatch.setattr(generalist, "train_aspect", recording_train_aspect)
     data = folder / "mixed.jsonl"
     write_pairs(data, 30)
     config = AspectRunConfig(
@@ -90,6 +100,12 @@ def test_generalist_run_trains_and_records_init(tiny):
     )
     vector_path = train_generalist(config, bundle_path, init_weight=0.5)
     assert vector_path == config.output_dir / VECTOR_FILE
+
+    # training started from θ_init, not from θ₀
+    expected = LlamaForCausalLM.from_pretrained(base)
+    fuse_into_model(expected, bundle_path, init_coefficients(0.5))
+    for name, tensor in base_state(expected).items():
+        assert torch.equal(started_from[name], tensor), name
 
     record = json.loads((config.output_dir / RECORD_FILE).read_text())
     assert record["steps"] == 2

@@ -17,7 +17,7 @@ from peo_merge.bundle import load_bundle
 from peo_merge.preference_map import PreferenceMap
 from tests.test_training import write_pairs
 from tests.tiny_model import write_tiny_base
-from training.pipeline import PHASE_FILE, PipelineConfig, run_pipeline
+from training.pipeline import PHASE_FILE, STARTED_FILE, Phases, PipelineConfig, run_pipeline
 from training.report import METHODS
 from training.reward import default_encoder
 
@@ -111,18 +111,22 @@ def test_second_run_skips_every_phase(pipeline):
     assert run_pipeline(config) == {"ran": [], "skipped": PHASES}
 
 
-def test_changed_search_reruns_only_search_and_bundle(pipeline):
+def test_changed_search_reruns_search_and_bundle(pipeline):
     config, _ = pipeline
+    points_file = config.work_dir / "search" / "points.jsonl"
+    before = points_file.stat().st_mtime_ns
+    search_record = json.loads((config.work_dir / "search" / PHASE_FILE).read_text())
     changed = config.model_copy(
         update={"search": config.search.model_copy(update={"max_new_tokens": 2})}
     )
     result = run_pipeline(changed)
     assert result["ran"] == ["search", "bundle"]
-    points = (config.work_dir / "search" / "points.jsonl").read_text().splitlines()
+    points = points_file.read_text().splitlines()
     assert len(points) == 9 + 3 + 4  # the grid, soup, and base, aspects alone, mixed DPO
-    assert all(
-        len(response.split()) <= 8 for line in points for response in json.loads(line)["responses"]
-    )
+    # the points were generated again under the new setting, in a file written afresh
+    assert points_file.stat().st_mtime_ns > before
+    new_record = json.loads((config.work_dir / "search" / PHASE_FILE).read_text())
+    assert new_record["config_sha256"] != search_record["config_sha256"]
 
 
 def test_bundle_holds_vectors_offset_and_phases(pipeline):
@@ -166,3 +170,29 @@ def test_preference_map_and_plot(pipeline):
     with Image.open(config.bundle_dir / "pareto.png") as image:
         assert image.format == "PNG"
         assert image.size[0] > 300
+
+
+def test_phase_with_changed_settings_starts_empty(tmp_path):
+    phases = Phases(tmp_path)
+    phases.run("train", {"rate": 1}, lambda folder: (folder / "checkpoint").write_text("old"))
+    seen = []
+    phases.run("train", {"rate": 2}, lambda folder: seen.extend(p.name for p in folder.iterdir()))
+    assert seen == [STARTED_FILE]
+
+
+def test_interrupted_phase_resumes_in_its_folder(tmp_path):
+    phases = Phases(tmp_path)
+
+    def interrupted(folder):
+        (folder / "checkpoint").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        phases.run("train", {"rate": 1}, interrupted)
+    assert not (tmp_path / "train" / PHASE_FILE).exists()
+    seen = []
+    phases.run(
+        "train", {"rate": 1}, lambda folder: seen.append((folder / "checkpoint").read_text())
+    )
+    assert seen == ["half"]
+    assert phases.ran == ["train"]

@@ -66,6 +66,17 @@ def test_encode_long_response_keeps_start(tokenizer):
     assert tokenizer.decode(ids[separator + 1 : separator + 2]) == "begin"
 
 
+def test_encode_empty_context_gives_response_all_room(tokenizer):
+    ids = encode_response(tokenizer, "", " ".join(["word"] * 100), 20)
+    assert len(ids) == 20
+    assert ids[:2] == [tokenizer.cls_token_id, tokenizer.sep_token_id]
+
+
+def test_encode_rejects_too_small_max_length(tokenizer):
+    with pytest.raises(ValueError, match="max_length is 3; allowed: at least 4"):
+        encode_response(tokenizer, "context", "response", 3)
+
+
 def write_pairs(path, count):
     rows = []
     for i in range(count):
@@ -148,7 +159,12 @@ def test_scorer_scores_are_deterministic_and_ordered(trained):
 
 def test_rerun_resumes_instead_of_training_again(trained):
     config, record = trained
+    states = sorted((config.output_dir / "checkpoints").glob("checkpoint-*/trainer_state.json"))
+    assert states
+    written = {path: path.stat().st_mtime_ns for path in states}
     again = json.loads(train_scorer(config).read_text())
+    # no step ran, so no checkpoint was written again
+    assert {path: path.stat().st_mtime_ns for path in states} == written
     assert again["steps"] == record["steps"]
     assert again["heldout"] == pytest.approx(record["heldout"])
 

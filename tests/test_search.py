@@ -131,6 +131,33 @@ def test_evaluation_records_points_and_resumes(tiny, tmp_path):
     assert again == on_disk
 
 
+def test_incomplete_last_line_is_dropped_and_rescored(tiny, tmp_path):
+    model, tokenizer, bundle = tiny
+    generator = Generator(model, tokenizer, bundle.vectors, max_new_tokens=2, batch_size=8)
+    scorers = {
+        "help_score": lambda dialogues, responses: [1.0] * len(responses),
+        "harm_score": lambda dialogues, responses: [2.0] * len(responses),
+    }
+    prompts = [("Hi", (("user", "Hi"),))]
+    candidates = soup_candidates(2)
+    evaluate_candidates(candidates, prompts, generator, scorers, tmp_path)
+    path = tmp_path / POINTS_FILE
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + lines[1][:20])  # as if killed while writing
+
+    assert list(read_points(path)) == [candidates[0].key()]
+    points = evaluate_candidates(candidates, prompts, generator, scorers, tmp_path)
+    assert set(points) == {c.key() for c in candidates}
+    assert len(read_points(path)) == 2
+
+
+def test_unreadable_middle_line_is_an_error(tmp_path):
+    path = tmp_path / POINTS_FILE
+    path.write_text('{"broken\n{"key": "x"}\n')
+    with pytest.raises(ValueError, match="points.jsonl:1: invalid JSON"):
+        read_points(path)
+
+
 def point(method, alpha, beta, help_score, harm_score):
     return {
         "method": method,

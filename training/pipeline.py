@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -30,11 +31,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from peo_merge.base_model import load_base_model, resolve_base_model
 from peo_merge.bundle import load_bundle
-from peo_merge.task_vector import load_task_vector
+from peo_merge.task_vector import TaskVector, load_task_vector
 from training.bundle_writer import write_bundle
 from training.config import DEFAULT_TARGETS, AspectRunConfig, ScorerRunConfig
 from training.data import read_pairs, render_prompt, split_train_heldout
-from training.dpo import RECORD_FILE, VECTOR_FILE, train_aspect
+from training.dpo import RECORD_FILE, VECTOR_FILE, data_hashes, train_aspect
 from training.generalist import train_generalist
 from training.report import write_outputs
 from training.reward import RewardScorer, train_scorer
@@ -49,6 +50,7 @@ from training.search import (
 logger = logging.getLogger(__name__)
 
 PHASE_FILE = "phase.json"
+STARTED_FILE = "phase_started.json"
 ASPECTS = ("helpfulness", "harmlessness")
 # vector name in the final bundle → the phase whose run trained it
 VECTOR_RUNS = {
@@ -148,16 +150,33 @@ class Phases:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def run(self, name: str, settings, work) -> dict:
-        """Run ``work(folder)`` unless the phase already ran with ``settings``; return its record."""
+        """Run ``work(folder)`` unless the phase already ran with ``settings``; return its record.
+
+        A phase interrupted under the same settings resumes in its folder. One begun under other
+        settings starts from an empty folder, so no checkpoint of the old settings is resumed.
+        """
         expected = digest(settings)
         record = self.record(name)
         if record is not None and record["config_sha256"] == expected:
             logger.info("phase %s: outputs match the config, skipped", name)
             self.skipped.append(name)
             return record
-        logger.info("phase %s: running", name)
         folder = self.folder(name)
+        started_file = folder / STARTED_FILE
+        begun = (
+            json.loads(started_file.read_text())["config_sha256"]
+            if started_file.is_file()
+            else None
+        )
+        if folder.exists() and begun != expected:
+            logger.info("phase %s: settings changed, starting afresh", name)
+            shutil.rmtree(folder)
+        elif begun == expected:
+            logger.info("phase %s: resuming", name)
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / PHASE_FILE).unlink(missing_ok=True)
+        started_file.write_text(json.dumps({"config_sha256": expected}) + "\n")
+        logger.info("phase %s: running", name)
         started = time.monotonic()
         work(folder)
         record = {
@@ -221,14 +240,14 @@ def run_pipeline(config: PipelineConfig) -> dict:
         "seed": config.seed,
         "heldout_fraction": config.heldout_fraction,
     }
-    dpo_settings = common | {"dpo": config.dpo.model_dump()}
+    dpo_settings = common | {"dpo": config.dpo.model_dump(exclude={"generalist_steps"})}
     records = {}
 
     for aspect, data in (
         ("helpfulness", config.helpfulness_data),
         ("harmlessness", config.harmlessness_data),
     ):
-        settings = dpo_settings | {"aspect": aspect, "data": data}
+        settings = dpo_settings | {"aspect": aspect, "data": data_hashes(data)}
         records[aspect] = phases.run(
             aspect,
             settings,
@@ -251,7 +270,13 @@ def run_pipeline(config: PipelineConfig) -> dict:
         ("harmlessness", config.harmlessness_data),
     ):
         name = f"scorer_{aspect}"
-        settings = common | {"scorer": config.scorer.model_dump(), "aspect": aspect, "data": data}
+        settings = {
+            "seed": config.seed,
+            "heldout_fraction": config.heldout_fraction,
+            "scorer": config.scorer.model_dump(),
+            "aspect": aspect,
+            "data": data_hashes(data),
+        }
         records[name] = phases.run(
             name,
             settings,
@@ -278,7 +303,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         "init_weight": config.init_weight,
         "steps": generalist_steps,
         "aspects": records["aspect_bundle"]["config_sha256"],
-        "data": mixed_data,
+        "data": data_hashes(mixed_data),
     }
     records["generalist"] = phases.run(
         "generalist",
@@ -291,7 +316,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     )
     records["mixed"] = phases.run(
         "mixed",
-        dpo_settings | {"aspect": "mixed", "data": mixed_data},
+        dpo_settings | {"aspect": "mixed", "data": data_hashes(mixed_data)},
         lambda folder: train_aspect(
             dpo_config(config, "mixed", mixed_data, folder, config.dpo.steps)
         ),
@@ -309,19 +334,21 @@ def run_pipeline(config: PipelineConfig) -> dict:
     search_settings = {"search": config.search.model_dump(), "upstream": upstream} | common
 
     def search(folder: Path) -> None:
-        # points scored under other settings must not be reused: start the file afresh
-        marker = folder / "search_config.json"
-        expected = digest(search_settings)
-        if not marker.is_file() or json.loads(marker.read_text())["sha256"] != expected:
-            (folder / "points.jsonl").unlink(missing_ok=True)
-            marker.write_text(json.dumps({"sha256": expected}) + "\n")
         model, tokenizer = load_base_model(resolve_base_model(config.base_model))
         vectors = dict(load_bundle(phases.folder("aspect_bundle")).vectors)
         for name, run in (("generalist", "generalist"), ("mixed", "mixed")):
             record = json.loads((phases.folder(run) / RECORD_FILE).read_text())
             scaling = record["config"]["lora_alpha"] / record["config"]["lora_rank"]
-            vectors[name] = load_task_vector(
-                phases.folder(run) / VECTOR_FILE, name, "lowrank", scaling
+            vector = load_task_vector(phases.folder(run) / VECTOR_FILE, name, "lowrank", scaling)
+            # the bundle stores factors in fp16: score the vectors as they will be served
+            vectors[name] = TaskVector(
+                name,
+                "lowrank",
+                scaling,
+                factors={
+                    target: (a.half().float(), b.half().float())
+                    for target, (a, b) in vector.factors.items()
+                },
             )
         generator = Generator(
             model,
@@ -331,8 +358,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
             batch_size=config.search.batch_size,
         )
         scorers = {
-            "help_score": RewardScorer(phases.folder("scorer_helpfulness")).score,
-            "harm_score": RewardScorer(phases.folder("scorer_harmlessness")).score,
+            name: RewardScorer(phases.folder(f"scorer_{aspect}"), config.scorer.max_length).score
+            for name, aspect in (("help_score", "helpfulness"), ("harm_score", "harmlessness"))
         }
         candidates = (
             peo_candidates(config.search.alphas, config.search.betas, offset)
@@ -353,7 +380,11 @@ def run_pipeline(config: PipelineConfig) -> dict:
     records["search"] = phases.run("search", search_settings, search)
 
     def bundle(folder: Path) -> None:
+        # training phases count their own time across resumed runs; the rest their last run
         wall = {name: record["wall_time_seconds"] for name, record in records.items()}
+        for name in (*ASPECTS, "generalist", "mixed", "scorer_helpfulness", "scorer_harmlessness"):
+            run_record = json.loads((phases.folder(name) / RECORD_FILE).read_text())
+            wall[name] = run_record["wall_time_seconds"]
         write_bundle(
             {name: phases.folder(run) for name, run in VECTOR_RUNS.items()},
             config.bundle_dir,
@@ -365,7 +396,6 @@ def run_pipeline(config: PipelineConfig) -> dict:
                 "generalist": wall["generalist"],
                 "mixed_dpo_baseline": wall["mixed"],
                 "search": wall["search"],
-                "init_weight": config.init_weight,
             },
         )
         points = [
@@ -377,7 +407,11 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
     records["bundle"] = phases.run(
         "bundle",
-        {"search": records["search"]["config_sha256"], "bundle_dir": config.bundle_dir},
+        {
+            "search": records["search"]["config_sha256"],
+            "bundle_dir": config.bundle_dir,
+            "bundle_name": config.bundle_name,
+        },
         bundle,
     )
     return {"ran": phases.ran, "skipped": phases.skipped}

@@ -65,9 +65,15 @@ def dialogue_text(messages) -> str:
 def encode_response(tokenizer, context: str, response: str, max_length: int) -> list[int]:
     """Return ``[CLS] context [SEP] response [SEP]`` token ids within ``max_length``.
 
-    The response keeps its start and at most three quarters of the room. The context keeps its
-    end, the turns nearest the response, in the rest.
+    The response keeps its start. It gets all the room the context leaves, and at least three
+    quarters of the room when both do not fit. The context keeps its end, the turns nearest the
+    response, in the rest.
+
+    Raises:
+        ValueError: ``max_length`` leaves no room for any token besides the 3 special ones.
     """
+    if max_length < 4:
+        raise ValueError(f"max_length is {max_length}; allowed: at least 4 (3 special tokens)")
     room = max_length - 3  # [CLS] and two [SEP]
     context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]

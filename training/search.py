@@ -3,7 +3,8 @@
 Every evaluated model is θ₀ + Σₖ cₖ·τₖ over one set of task vectors, so a single unfused model
 (:func:`peo_merge.mixed.build_mixed_model`) serves all of them: each batch row carries its own
 coefficients, and one batch mixes rows of many candidates. Responses are greedy, so a candidate's
-scores depend only on its coefficients, the prompts and the scorers.
+scores depend on its coefficients, the prompts and the scorers, and on the batch it shared only
+through rounding (padding and batch size change the order of floating-point sums).
 
 Each candidate's result goes to one line of ``points.jsonl`` as soon as it is scored. A run that
 is started again skips candidates already there, keyed by their method and coefficients.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,14 +90,24 @@ def single_candidates(mixed_vector: str | None) -> list[Candidate]:
 
 
 def read_points(path: Path) -> dict[str, dict]:
-    """Return the scored points of ``points.jsonl`` keyed by candidate key; none if absent."""
+    """Return the scored points of ``points.jsonl`` keyed by candidate key; none if absent.
+
+    A last line cut short, by a run killed while writing it, is dropped with a warning: that
+    candidate counts as not scored. An unreadable line anywhere else is an error.
+    """
     if not path.is_file():
         return {}
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
     points = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for number, line in enumerate(lines, start=1):
+        try:
             point = json.loads(line)
-            points[point["key"]] = point
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                logger.warning("%s: dropping an incomplete last line: %s", path, error)
+                break
+            raise ValueError(f"{path}:{number}: invalid JSON: {error}") from error
+        points[point["key"]] = point
     return points
 
 
@@ -155,6 +167,8 @@ class Generator:
                     attention_mask=mask,
                     max_new_tokens=self.max_new_tokens,
                     do_sample=False,
+                    num_beams=1,
+                    num_return_sequences=1,
                     pad_token_id=pad,
                 )
             for row in output[:, width:]:
@@ -187,6 +201,8 @@ def evaluate_candidates(
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / POINTS_FILE
     points = read_points(path)
+    # rewrite what was read, so that an incomplete last line is gone before new lines follow
+    path.write_text("".join(json.dumps(point) + "\n" for point in points.values()))
     todo = [candidate for candidate in candidates if candidate.key() not in points]
     logger.info("%d candidates, %d already scored", len(candidates), len(candidates) - len(todo))
     for start in range(0, len(todo), candidates_per_batch):
@@ -211,6 +227,8 @@ def evaluate_candidates(
             point["responses"] = mine
             with path.open("a") as handle:
                 handle.write(json.dumps(point) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
             points[point["key"]] = point
             logger.info(
                 "scored %s: %s",
