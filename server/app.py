@@ -152,16 +152,17 @@ class ServerState:
             self.mixed_until = now + AUTO_MIXED_HOLD_SECONDS
         return "unfused" if mixed or now < self.mixed_until else "fused"
 
-    def forget_key(self, key: tuple[float, float]) -> None:
+    def forget_key(self, key: tuple[float, float], unfused: bool = False) -> None:
         """Count one generation with coefficient pair ``key`` as no longer in flight.
 
-        While generations with other pairs are still running, the load is still mixed, so the
-        auto-mode hold on the unfused path restarts from now.
+        Mixed load lasted until now when generations with other pairs are still running, or when
+        this generation ran unfused (a running unfused batch counts as mixed load). Either way
+        the auto-mode hold on the unfused path restarts from now.
         """
         self.active_keys[key] -= 1
         if self.active_keys[key] <= 0:
             del self.active_keys[key]
-        if any(other != key for other in self.active_keys):
+        if unfused or any(other != key for other in self.active_keys):
             self.mixed_until = time.monotonic() + AUTO_MIXED_HOLD_SECONDS
 
     def refresh_cache_gauges(self) -> None:
@@ -306,7 +307,7 @@ async def start_generation(
             state.metrics.generated_tokens.inc(job.completion_tokens)
             state.admission.release()
             state.metrics.in_flight.dec()
-            state.forget_key(key)
+            state.forget_key(key, unfused=job.engine == "unfused")
             state.jobs.discard(job)
 
         # in auto mode a fused request may move to the unfused batch once preferences mix
