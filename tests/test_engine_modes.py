@@ -107,6 +107,15 @@ def test_auto_mode_keeps_a_lone_request_fused(server):
     assert result["cache"] in ("hit", "miss")
 
 
+def wait_for_one_in_flight(url: str, timeout: float = 60.0) -> None:
+    """Poll the metrics until one request is in flight, or until ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metric_value(httpx.get(url + "/metrics").text, "peo_requests_in_flight") == 1:
+            return
+        time.sleep(0.05)
+
+
 def test_auto_mode_moves_a_running_fused_request_into_the_unfused_batch(server):
     """A fused request that is running when another preference arrives ends unfused."""
     before = metric_value(
@@ -116,12 +125,7 @@ def test_auto_mode_moves_a_running_fused_request_into_the_unfused_batch(server):
     second_body = {"preference": 0.14, "max_new_tokens": 8, "ignore_eos": True}
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(generate, server.url, first_body)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            metrics = httpx.get(server.url + "/metrics").text
-            if metric_value(metrics, "peo_requests_in_flight") == 1:
-                break
-            time.sleep(0.05)
+        wait_for_one_in_flight(server.url)
         time.sleep(1.5)  # fused (or a cache hit) and decoding by now
         second = pool.submit(generate, server.url, second_body)
         first, second = first.result(), second.result()
@@ -146,12 +150,7 @@ def test_auto_mode_holds_unfused_briefly_after_mixed_load(server):
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         body = {"preference": 0.3, "max_new_tokens": 24, "ignore_eos": True}
         first = pool.submit(generate, server.url, body)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            metrics = httpx.get(server.url + "/metrics").text
-            if metric_value(metrics, "peo_requests_in_flight") == 1:
-                break
-            time.sleep(0.05)
+        wait_for_one_in_flight(server.url)
         second = pool.submit(generate, server.url, body | {"preference": 0.7})
         assert second.result()["engine"] == "unfused"
         first.result()

@@ -15,9 +15,8 @@ from transformers import LlamaForCausalLM
 from peo_merge.bundle import load_bundle
 from peo_merge.fused_model import base_state
 from peo_merge.task_vector import load_task_vector
-from tests.test_training import write_pairs
+from tests.test_training import tiny_run_config, write_pairs
 from tests.tiny_model import write_tiny_base, write_tiny_bundle
-from training.config import AspectRunConfig
 from training.dpo import RECORD_FILE, VECTOR_FILE
 from training.generalist import fuse_into_model, init_coefficients, train_generalist
 
@@ -82,22 +81,7 @@ def test_generalist_run_trains_and_records_init(tiny, monkeypatch):
     monkeypatch.setattr(generalist, "train_aspect", recording_train_aspect)
     data = folder / "mixed.jsonl"
     write_pairs(data, 30)
-    config = AspectRunConfig(
-        aspect="mixed",
-        data=(data,),
-        output_dir=folder / "run",
-        base_model=str(base),
-        steps=2,
-        batch_size=2,
-        gradient_accumulation=1,
-        max_length=96,
-        max_prompt_tokens=64,
-        lora_rank=2,
-        lora_alpha=4.0,
-        lora_targets=("q_proj", "v_proj"),
-        save_every=1,
-        threads=1,
-    )
+    config = tiny_run_config("mixed", data, folder / "run", base)
     vector_path = train_generalist(config, bundle_path, init_weight=0.5)
     assert vector_path == config.output_dir / VECTOR_FILE
 

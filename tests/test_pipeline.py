@@ -11,12 +11,12 @@ import json
 
 import pytest
 from PIL import Image
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer
 
 from peo_merge.bundle import load_bundle
 from peo_merge.preference_map import PreferenceMap
 from tests.test_training import write_pairs
-from tests.tiny_model import write_tiny_base
+from tests.tiny_model import write_tiny_base, write_tiny_encoder
 from training.pipeline import PHASE_FILE, STARTED_FILE, Phases, PipelineConfig, run_pipeline
 from training.report import METHODS
 from training.reward import default_encoder
@@ -32,22 +32,6 @@ PHASES = [
     "search",
     "bundle",
 ]
-
-
-def write_tiny_encoder(folder):
-    tokenizer = AutoTokenizer.from_pretrained(default_encoder())
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=1,
-    )
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +60,11 @@ def pipeline(tmp_path_factory):
                 "save_every": 1,
             },
             "scorer": {
-                "encoder": str(write_tiny_encoder(root / "encoder")),
+                "encoder": str(
+                    write_tiny_encoder(
+                        root / "encoder", AutoTokenizer.from_pretrained(default_encoder()), layers=1
+                    )
+                ),
                 "batch_size": 8,
                 "max_length": 64,
                 "learning_rate": 1e-3,

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer
 
+from tests.tiny_model import write_tiny_encoder
 from training.config import ScorerRunConfig
 from training.data import PreferencePair
 from training.reward import (
@@ -93,19 +94,7 @@ def write_pairs(path, count):
 
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("encoder")
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=1,
-    )
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return write_tiny_encoder(tmp_path_factory.mktemp("encoder"), tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,7 @@ def test_fusion_runs_on_a_thread_that_exits(tiny_engine, monkeypatch):
     assert not torch.equal(fused[target], base[target])
 
 
-def test_start_up_builds_the_engine_on_a_thread_that_exits(monkeypatch):
+def test_engine_built_on_exited_thread(monkeypatch):
     built_on = []
 
     class RecordingEngine:

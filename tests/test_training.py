@@ -30,16 +30,12 @@ def write_pairs(path, count: int) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("training")
-    base = write_tiny_base(folder / "base")
-    data = folder / "pairs.jsonl"
-    write_pairs(data, 40)
-    config = AspectRunConfig(
-        aspect="helpfulness",
+def tiny_run_config(aspect, data, output_dir, base) -> AspectRunConfig:
+    """Return a two-step DPO run with a rank-2 LoRA, small enough for a tiny Llama."""
+    return AspectRunConfig(
+        aspect=aspect,
         data=(data,),
-        output_dir=folder / "run",
+        output_dir=output_dir,
         base_model=str(base),
         steps=2,
         batch_size=2,
@@ -52,6 +48,15 @@ def run(tmp_path_factory):
         save_every=1,
         threads=1,
     )
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("training")
+    base = write_tiny_base(folder / "base")
+    data = folder / "pairs.jsonl"
+    write_pairs(data, 40)
+    config = tiny_run_config("helpfulness", data, folder / "run", base)
     train_aspect(config)
     return config, base
 

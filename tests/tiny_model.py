@@ -50,6 +50,24 @@ def write_tiny_base(folder: Path, hidden_size: int = 32, seed: int = 0) -> Path:
     return folder
 
 
+def write_tiny_encoder(folder: Path, tokenizer, layers: int = 2) -> Path:
+    """Save a tiny random BERT with a one-output head and ``tokenizer`` into ``folder``."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=1,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def write_tiny_bundle(folder: Path, base_folder: Path, seed: int = 1) -> Path:
     """Write a bundle of low-rank helpfulness and harmlessness vectors shaped for a tiny base."""
     model = LlamaForCausalLM.from_pretrained(base_folder)

@@ -41,8 +41,8 @@ def data_hashes(paths: tuple[Path, ...]) -> dict[str, str]:
     return {str(file): sha256_file(file) for path in paths for file in data_files(path)}
 
 
-class _WallTimeCallback:
-    """Accumulate training wall time across resumed runs in ``wall_time.json``."""
+class WallTime:
+    """Training wall time accumulated across resumed runs in ``wall_time.json``."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -54,6 +54,22 @@ class _WallTimeCallback:
 
     def write(self) -> None:
         self.path.write_text(json.dumps({"seconds": round(self.total(), 1)}) + "\n")
+
+    def callback(self, label: str):
+        """Return a Trainer callback that writes the wall time at each checkpoint and logs losses."""
+        from transformers import TrainerCallback
+
+        wall_time = self
+
+        class Progress(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                wall_time.write()
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    logger.info("%s step %d/%d %s", label, state.global_step, state.max_steps, logs)
+
+        return Progress()
 
 
 def train_aspect(config: AspectRunConfig, model=None, tokenizer=None) -> Path:
@@ -70,7 +86,6 @@ def train_aspect(config: AspectRunConfig, model=None, tokenizer=None) -> Path:
     """
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     if config.threads:
@@ -124,17 +139,7 @@ def train_aspect(config: AspectRunConfig, model=None, tokenizer=None) -> Path:
         target_modules=list(config.lora_targets),
         task_type="CAUSAL_LM",
     )
-    wall_time = _WallTimeCallback(output_dir / WALL_TIME_FILE)
-
-    class SaveWallTime(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            wall_time.write()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                logger.info(
-                    "%s step %d/%d %s", config.aspect, state.global_step, state.max_steps, logs
-                )
+    wall_time = WallTime(output_dir / WALL_TIME_FILE)
 
     trainer = DPOTrainer(
         model=model,
@@ -142,7 +147,7 @@ def train_aspect(config: AspectRunConfig, model=None, tokenizer=None) -> Path:
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         peft_config=lora,
-        callbacks=[SaveWallTime()],
+        callbacks=[wall_time.callback(config.aspect)],
     )
     has_checkpoint = any(checkpoint_dir.glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if has_checkpoint else None)

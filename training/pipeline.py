@@ -190,26 +190,16 @@ class Phases:
 
 
 def dpo_config(config: PipelineConfig, aspect: str, data, output_dir: Path, steps: int):
-    recipe = config.dpo
+    """Return the DPO run of one phase: the shared recipe with this phase's data and steps."""
     return AspectRunConfig(
+        **config.dpo.model_dump(exclude={"steps", "generalist_steps"}),
         aspect=aspect,
         data=tuple(data),
         output_dir=output_dir,
+        steps=steps,
         base_model=config.base_model,
         heldout_fraction=config.heldout_fraction,
-        max_train_pairs=recipe.max_train_pairs,
-        steps=steps,
-        batch_size=recipe.batch_size,
-        gradient_accumulation=recipe.gradient_accumulation,
-        max_length=recipe.max_length,
-        max_prompt_tokens=recipe.max_prompt_tokens,
-        learning_rate=recipe.learning_rate,
-        beta=recipe.beta,
-        lora_rank=recipe.lora_rank,
-        lora_alpha=recipe.lora_alpha,
-        lora_targets=recipe.lora_targets,
         seed=config.seed,
-        save_every=recipe.save_every,
         threads=config.threads,
     )
 
@@ -282,18 +272,12 @@ def run_pipeline(config: PipelineConfig) -> dict:
             settings,
             lambda folder, aspect=aspect, data=data: train_scorer(
                 ScorerRunConfig(
+                    **config.scorer.model_dump(),
                     aspect=aspect,
                     data=tuple(data),
                     output_dir=folder,
-                    encoder=config.scorer.encoder,
                     heldout_fraction=config.heldout_fraction,
-                    max_train_pairs=config.scorer.max_train_pairs,
-                    epochs=config.scorer.epochs,
-                    batch_size=config.scorer.batch_size,
-                    learning_rate=config.scorer.learning_rate,
-                    max_length=config.scorer.max_length,
                     seed=config.seed,
-                    save_every=config.scorer.save_every,
                     threads=config.threads,
                 )
             ),

