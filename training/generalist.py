@@ -34,8 +34,6 @@ from training.dpo import (
 
 logger = logging.getLogger(__name__)
 
-ASPECT_VECTORS = ("helpfulness", "harmlessness")
-
 
 def init_coefficients(init_weight: float) -> dict[str, float]:
     """Return the coefficients of θ_init = θ₀ + λ·τ_help + (1 − λ)·τ_harm."""
