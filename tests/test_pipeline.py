@@ -8,15 +8,17 @@ schema, that the server's loader accepts the bundle, and that a second run skips
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from PIL import Image
 from transformers import AutoTokenizer
 
-from peo_merge.bundle import load_bundle
+from peo_merge.bundle import BundleError, load_bundle, read_manifest
 from peo_merge.preference_map import PreferenceMap
 from tests.test_training import write_pairs
 from tests.tiny_model import write_tiny_base, write_tiny_encoder
+from training.bundle_writer import write_bundle
 from training.pipeline import PHASE_FILE, STARTED_FILE, Phases, PipelineConfig, run_pipeline
 from training.report import METHODS
 from training.reward import default_encoder
@@ -31,6 +33,7 @@ PHASES = [
     "mixed",
     "search",
     "bundle",
+    "slider",
 ]
 
 
@@ -108,7 +111,7 @@ def test_changed_search_reruns_search_and_bundle(pipeline):
         update={"search": config.search.model_copy(update={"max_new_tokens": 2})}
     )
     result = run_pipeline(changed)
-    assert result["ran"] == ["search", "bundle"]
+    assert result["ran"] == ["search", "bundle", "slider"]
     points = points_file.read_text().splitlines()
     assert len(points) == 9 + 3 + 4  # the grid, soup, and base, aspects alone, mixed DPO
     # the points were generated again under the new setting, in a file written afresh
@@ -160,6 +163,34 @@ def test_preference_map_and_plot(pipeline):
         assert image.size[0] > 300
 
 
+def test_slider_document(pipeline):
+    config, _ = pipeline
+    document = json.loads((config.bundle_dir / "slider.json").read_text())
+    assert document["map_source"] == "pareto"
+    # two held-out prompts per aspect, not the ones the search used
+    assert document["prompts"] == 4
+    assert [row["preference"] for row in document["positions"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    mapping = PreferenceMap.from_json(
+        json.loads((config.bundle_dir / "preference_map.json").read_text())
+    )
+    for row in document["positions"]:
+        assert (row["alpha"], row["beta"]) == mapping.coefficients(row["preference"])
+        assert row["coefficients"]["generalist"] == 1.0
+        assert isinstance(row["help_score"], float)
+    for flag in ("help_rises", "harm_falls", "help_monotone", "harm_monotone"):
+        assert isinstance(document[flag], bool)
+    assert json.loads((config.work_dir / "slider" / "slider.json").read_text()) == document
+
+
+@pytest.mark.parametrize("positions", [[0.0, 0.5], [0.5, 1.0], [0.0, 1.0, 1.5]])
+def test_slider_positions_need_both_ends_within_range(pipeline, positions):
+    config, _ = pipeline
+    with pytest.raises(ValueError, match="slider_positions"):
+        PipelineConfig.model_validate(
+            config.model_dump(mode="json") | {"slider_positions": positions}
+        )
+
+
 def test_phase_with_changed_settings_starts_empty(tmp_path):
     phases = Phases(tmp_path)
     phases.run("train", {"rate": 1}, lambda folder: (folder / "checkpoint").write_text("old"))
@@ -184,3 +215,68 @@ def test_interrupted_phase_resumes_in_its_folder(tmp_path):
     )
     assert seen == ["half"]
     assert phases.ran == ["train"]
+
+
+def test_existing_aspect_bundle_replaces_phase_one(pipeline, tmp_path):
+    config, _ = pipeline
+    aspects = config.work_dir / "aspect_bundle"
+    reused = config.model_copy(
+        update={
+            "aspect_bundle": aspects,
+            "work_dir": tmp_path / "work",
+            "bundle_dir": tmp_path / "bundle",
+        }
+    )
+    result = run_pipeline(reused)
+    assert result == {"ran": PHASES[3:], "skipped": []}
+    assert not (tmp_path / "work" / "helpfulness").exists()
+    source = read_manifest(aspects).vectors
+    final = load_bundle(tmp_path / "bundle")
+    for name in ("helpfulness", "harmlessness"):
+        entry = final.manifest.vectors[name]
+        # copied byte for byte, recipe included
+        assert entry.sha256 == source[name].sha256
+        assert entry.recipe == source[name].recipe
+        assert (
+            final.manifest.phases["aspect_learning"][name]
+            == source[name].recipe["wall_time_seconds"]
+        )
+    generalist = final.manifest.vectors["generalist"].recipe
+    assert generalist["init"]["vector_sha256"] == {
+        name: source[name].sha256 for name in ("helpfulness", "harmlessness")
+    }
+
+
+def test_aspect_bundle_without_an_aspect_is_an_error(pipeline, tmp_path):
+    config, _ = pipeline
+    partial = tmp_path / "partial"
+    shutil.copytree(config.work_dir / "aspect_bundle", partial)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    del manifest["vectors"]["harmlessness"]
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    broken = config.model_copy(update={"aspect_bundle": partial, "work_dir": tmp_path / "work"})
+    with pytest.raises(BundleError, match="harmlessness"):
+        run_pipeline(broken)
+    assert not (tmp_path / "work" / "generalist").exists()
+
+
+def test_copying_a_vector_into_its_own_bundle_is_an_error(pipeline):
+    config, _ = pipeline
+    with pytest.raises(ValueError, match="into itself"):
+        write_bundle({}, config.bundle_dir, "same", copies={"helpfulness": config.bundle_dir})
+    # the bundle is untouched
+    assert load_bundle(config.bundle_dir).manifest.name == "tiny"
+
+
+def test_folder_not_begun_by_the_pipeline_is_wiped_unless_adopted(tmp_path):
+    for adopt, expected in (((), [STARTED_FILE]), (("train",), ["checkpoint", STARTED_FILE])):
+        work = tmp_path / str(bool(adopt))
+        (work / "train").mkdir(parents=True)
+        (work / "train" / "checkpoint").write_text("by hand")
+        seen = []
+        Phases(work, adopt).run(
+            "train",
+            {"rate": 1},
+            lambda folder, seen=seen: seen.extend(p.name for p in folder.iterdir()),
+        )
+        assert sorted(seen) == expected

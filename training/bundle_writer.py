@@ -20,6 +20,7 @@ from peo_merge.bundle import (
     CoefficientBounds,
     Manifest,
     VectorEntry,
+    read_manifest,
     write_manifest,
 )
 from peo_merge.task_vector import load_task_vector, save_task_vector
@@ -71,12 +72,33 @@ def recipe_from_record(record: dict) -> dict:
     return recipe
 
 
+def _copy_sources(copies: dict[str, Path], output: Path) -> dict[str, tuple]:
+    """Read each vector to copy: its manifest entry, its file's bytes and its bundle's base."""
+    copied = {}
+    for aspect, bundle in copies.items():
+        if Path(bundle).resolve() == Path(output).resolve():
+            raise ValueError(f"cannot copy vector {aspect!r} from {bundle} into itself")
+        manifest = read_manifest(bundle)
+        if aspect not in manifest.vectors:
+            raise ValueError(
+                f"bundle {bundle} has no vector {aspect!r}; it has {sorted(manifest.vectors)}"
+            )
+        entry = manifest.vectors[aspect]
+        data = (Path(bundle) / entry.file).read_bytes()
+        copied[aspect] = (entry, data, manifest.base_model)
+    identities = {json.dumps(identity, sort_keys=True) for _, _, identity in copied.values()}
+    if len(identities) > 1:
+        raise ValueError(f"the copied vectors come from different base models: {identities}")
+    return copied
+
+
 def write_bundle(
     runs: dict[str, Path],
     output: Path,
     name: str,
     offset: dict[str, float] | None = None,
     phases: dict | None = None,
+    copies: dict[str, Path] | None = None,
 ) -> Manifest:
     """Copy each run's task vector into ``output/vectors`` as fp16 and write the manifest.
 
@@ -86,14 +108,27 @@ def write_bundle(
         name: the bundle's name.
         offset: coefficients every request adds, for example θ_init + τ_gen.
         phases: the manifest's ``phases``; by default the wall time of each run.
+        copies: vector name → an existing bundle to copy that vector from, file and manifest
+            entry (recipe included) unchanged.
+
+    Raises:
+        ValueError: a copied bundle is ``output`` itself, lacks the vector, or was trained on
+            another base model than the runs.
     """
+    copied = _copy_sources(copies or {}, output)
     output.mkdir(parents=True, exist_ok=True)
     vectors_dir = output / "vectors"
     if vectors_dir.exists():
         shutil.rmtree(vectors_dir)
+    vectors_dir.mkdir()
 
     entries = {}
     base_identity = None
+    for aspect, (entry, data, source_identity) in copied.items():
+        relative = f"vectors/{aspect}.safetensors"
+        (output / relative).write_bytes(data)
+        entries[aspect] = entry.model_copy(update={"file": relative})
+        base_identity = source_identity
     for aspect, run_dir in runs.items():
         record = json.loads((run_dir / RECORD_FILE).read_text())
         config = record["config"]
@@ -110,7 +145,13 @@ def write_bundle(
             sha256=sha256_file(output / relative),
             recipe=recipe_from_record(record),
         )
-        base_identity = {key: value for key, value in record["base_model"].items() if key != "path"}
+        run_identity = {key: value for key, value in record["base_model"].items() if key != "path"}
+        if base_identity is not None and run_identity != base_identity:
+            raise ValueError(
+                f"run {run_dir} was trained on base {run_identity}, but the other vectors "
+                f"on {base_identity}"
+            )
+        base_identity = run_identity
 
     manifest = Manifest(
         format_version=FORMAT_VERSION,

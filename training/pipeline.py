@@ -4,17 +4,26 @@ Run as ``python -m training.pipeline CONFIG.json``. The phases, in order:
 
 1. ``helpfulness`` and ``harmlessness``: one DPO task vector per aspect, from θ₀.
 2. ``aspect_bundle``: a bundle of the two vectors, which θ_init is fused from.
+
+   With ``aspect_bundle`` set in the config, phases 1 and 2 do not run: an existing bundle
+   that holds τ_help and τ_harm takes their place, and its vectors, recipes included, are
+   copied into the final bundle.
 3. ``scorer_helpfulness`` and ``scorer_harmlessness``: the reward-model scorers.
 4. ``generalist``: τ_gen, DPO on the mixed data from θ_init.
 5. ``mixed``: the single-objective baseline, DPO on the mixed data from θ₀.
 6. ``search``: every PEO grid point and baseline generated and scored.
 7. ``bundle``: the final bundle with τ_help, τ_harm and τ_gen, the offset θ_init + τ_gen, the
    Pareto data, the preference map and the plot.
+8. ``slider``: the bundle's slider checked on held-out prompts the search did not use
+   (:mod:`training.slider`); ``slider.json`` goes into the bundle.
 
 Each finished phase writes ``WORK/PHASE/phase.json`` with the sha256 of the config it ran with,
 which covers its own settings and those of every phase it depends on. A phase whose record
 matches is skipped. A phase whose record is missing or differs runs again; the training phases
 resume from their own checkpoints when they can.
+
+A phase folder not begun by the pipeline, such as a run started by hand with the same settings,
+is normally wiped. ``--adopt PHASE`` keeps it, so the phase resumes that run instead.
 """
 
 from __future__ import annotations
@@ -27,10 +36,10 @@ import shutil
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from peo_merge.base_model import load_base_model, resolve_base_model
-from peo_merge.bundle import load_bundle
+from peo_merge.bundle import load_bundle, read_manifest
 from peo_merge.task_vector import TaskVector, load_task_vector
 from training.bundle_writer import write_bundle
 from training.config import DEFAULT_TARGETS, AspectRunConfig, ScorerRunConfig
@@ -46,18 +55,24 @@ from training.search import (
     single_candidates,
     soup_candidates,
 )
+from training.slider import DEFAULT_POSITIONS, check_slider, write_slider
 
 logger = logging.getLogger(__name__)
 
 PHASE_FILE = "phase.json"
 STARTED_FILE = "phase_started.json"
 ASPECTS = ("helpfulness", "harmlessness")
-# vector name in the final bundle → the phase whose run trained it
-VECTOR_RUNS = {
-    "helpfulness": "helpfulness",
-    "harmlessness": "harmlessness",
-    "generalist": "generalist",
-}
+PHASE_NAMES = (
+    *ASPECTS,
+    "aspect_bundle",
+    "scorer_helpfulness",
+    "scorer_harmlessness",
+    "generalist",
+    "mixed",
+    "search",
+    "bundle",
+    "slider",
+)
 
 
 class DpoSettings(BaseModel):
@@ -116,6 +131,8 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     base_model: str | None = None
+    # an existing bundle with τ_help and τ_harm; when set, phase 1 is not run
+    aspect_bundle: Path | None = None
     helpfulness_data: tuple[Path, ...] = Field(min_length=1)
     harmlessness_data: tuple[Path, ...] = Field(min_length=1)
     work_dir: Path
@@ -128,6 +145,22 @@ class PipelineConfig(BaseModel):
     dpo: DpoSettings = DpoSettings()
     scorer: ScorerSettings = ScorerSettings()
     search: SearchSettings = SearchSettings()
+    # slider positions whose answers are scored on held-out prompts the search did not use
+    slider_positions: tuple[float, ...] = DEFAULT_POSITIONS
+
+    @field_validator("slider_positions")
+    @classmethod
+    def _slider_ends(cls, positions: tuple[float, ...]) -> tuple[float, ...]:
+        if (
+            0.0 not in positions
+            or 1.0 not in positions
+            or not all(0.0 <= w <= 1.0 for w in positions)
+        ):
+            raise ValueError(
+                f"slider_positions is {list(positions)}; allowed: numbers in [0, 1] "
+                "that include 0 and 1"
+            )
+        return positions
 
 
 def digest(value) -> str:
@@ -137,8 +170,9 @@ def digest(value) -> str:
 class Phases:
     """Runs named phases once per config, recording each one's config hash and wall time."""
 
-    def __init__(self, work_dir: Path):
+    def __init__(self, work_dir: Path, adopt: tuple[str, ...] = ()):
         self.work_dir = work_dir
+        self.adopt = set(adopt)
         self.ran: list[str] = []
         self.skipped: list[str] = []
 
@@ -168,7 +202,9 @@ class Phases:
             if started_file.is_file()
             else None
         )
-        if folder.exists() and begun != expected:
+        if folder.exists() and begun != expected and name in self.adopt:
+            logger.info("phase %s: adopting the run already in %s", name, folder)
+        elif folder.exists() and begun != expected:
             logger.info("phase %s: settings changed, starting afresh", name)
             shutil.rmtree(folder)
         elif begun == expected:
@@ -204,25 +240,51 @@ def dpo_config(config: PipelineConfig, aspect: str, data, output_dir: Path, step
     )
 
 
-def search_prompts(config: PipelineConfig, tokenizer) -> list[tuple[str, tuple]]:
-    """Return the first held-out prompts of each aspect, rendered, with their dialogue turns."""
+def held_out_prompts(config: PipelineConfig, tokenizer, start: int) -> list[tuple[str, tuple]]:
+    """Return held-out prompts of each aspect, rendered, with their dialogue turns.
+
+    Of each aspect's held-out pairs, ``search.prompts_per_aspect`` from index ``start``: the
+    search uses those from 0, the slider check the ones after them.
+    """
     prompts = []
+    count = config.search.prompts_per_aspect
     for data in (config.helpfulness_data, config.harmlessness_data):
         pairs = [pair for path in data for pair in read_pairs(path)]
         _, heldout = split_train_heldout(pairs, config.heldout_fraction, config.seed)
-        for pair in heldout[: config.search.prompts_per_aspect]:
+        for pair in heldout[start : start + count]:
             prompt = render_prompt(pair, tokenizer, config.search.max_prompt_tokens)
             prompts.append((prompt, pair.messages))
     return prompts
 
 
-def run_pipeline(config: PipelineConfig) -> dict:
-    """Run every phase that does not match its record yet; return what ran and what was skipped."""
+def build_scorers(config: PipelineConfig, phases: Phases) -> dict:
+    """Return ``{"help_score": …, "harm_score": …}`` from the two scorer phases."""
+    return {
+        name: RewardScorer(phases.folder(f"scorer_{aspect}"), config.scorer.max_length).score
+        for name, aspect in (("help_score", "helpfulness"), ("harm_score", "harmlessness"))
+    }
+
+
+def existing_aspects(path: Path) -> dict:
+    """Return the sha256 of τ_help and τ_harm in an existing bundle, its phase-1 record.
+
+    Raises:
+        BundleError: the bundle is invalid; a bundle always holds both aspect vectors.
+    """
+    manifest = load_bundle(path).manifest
+    return {"bundle_vectors": {name: manifest.vectors[name].sha256 for name in ASPECTS}}
+
+
+def run_pipeline(config: PipelineConfig, adopt: tuple[str, ...] = ()) -> dict:
+    """Run every phase that does not match its record yet; return what ran and what was skipped.
+
+    ``adopt`` names phases whose folders hold runs begun outside the pipeline, to resume.
+    """
     import torch
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    phases = Phases(config.work_dir)
+    phases = Phases(config.work_dir, adopt)
     mixed_data = config.helpfulness_data + config.harmlessness_data
     generalist_steps = config.dpo.generalist_steps or config.dpo.steps
     common = {
@@ -233,27 +295,33 @@ def run_pipeline(config: PipelineConfig) -> dict:
     dpo_settings = common | {"dpo": config.dpo.model_dump(exclude={"generalist_steps"})}
     records = {}
 
-    for aspect, data in (
-        ("helpfulness", config.helpfulness_data),
-        ("harmlessness", config.harmlessness_data),
-    ):
-        settings = dpo_settings | {"aspect": aspect, "data": data_hashes(data)}
-        records[aspect] = phases.run(
-            aspect,
-            settings,
-            lambda folder, aspect=aspect, data=data: train_aspect(
-                dpo_config(config, aspect, data, folder, config.dpo.steps)
+    if config.aspect_bundle is None:
+        for aspect, data in (
+            ("helpfulness", config.helpfulness_data),
+            ("harmlessness", config.harmlessness_data),
+        ):
+            settings = dpo_settings | {"aspect": aspect, "data": data_hashes(data)}
+            records[aspect] = phases.run(
+                aspect,
+                settings,
+                lambda folder, aspect=aspect, data=data: train_aspect(
+                    dpo_config(config, aspect, data, folder, config.dpo.steps)
+                ),
+            )
+
+        aspect_settings = {name: records[name]["config_sha256"] for name in ASPECTS}
+        records["aspect_bundle"] = phases.run(
+            "aspect_bundle",
+            aspect_settings,
+            lambda folder: write_bundle(
+                {name: phases.folder(name) for name in ASPECTS}, folder, "aspects"
             ),
         )
-
-    aspect_settings = {name: records[name]["config_sha256"] for name in ASPECTS}
-    records["aspect_bundle"] = phases.run(
-        "aspect_bundle",
-        aspect_settings,
-        lambda folder: write_bundle(
-            {name: phases.folder(name) for name in ASPECTS}, folder, "aspects"
-        ),
-    )
+        aspects_path = phases.folder("aspect_bundle")
+        aspects_sha256 = records["aspect_bundle"]["config_sha256"]
+    else:
+        aspects_path = config.aspect_bundle
+        aspects_sha256 = digest(existing_aspects(aspects_path))
 
     for aspect, data in (
         ("helpfulness", config.helpfulness_data),
@@ -286,7 +354,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     generalist_settings = dpo_settings | {
         "init_weight": config.init_weight,
         "steps": generalist_steps,
-        "aspects": records["aspect_bundle"]["config_sha256"],
+        "aspects": aspects_sha256,
         "data": data_hashes(mixed_data),
     }
     records["generalist"] = phases.run(
@@ -294,7 +362,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         generalist_settings,
         lambda folder: train_generalist(
             dpo_config(config, "mixed", mixed_data, folder, generalist_steps),
-            phases.folder("aspect_bundle"),
+            aspects_path,
             config.init_weight,
         ),
     )
@@ -319,7 +387,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
     def search(folder: Path) -> None:
         model, tokenizer = load_base_model(resolve_base_model(config.base_model))
-        vectors = dict(load_bundle(phases.folder("aspect_bundle")).vectors)
+        aspects = load_bundle(aspects_path).vectors
+        vectors = {name: aspects[name] for name in ASPECTS}
         for name, run in (("generalist", "generalist"), ("mixed", "mixed")):
             record = json.loads((phases.folder(run) / RECORD_FILE).read_text())
             scaling = record["config"]["lora_alpha"] / record["config"]["lora_rank"]
@@ -341,10 +410,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
             max_new_tokens=config.search.max_new_tokens,
             batch_size=config.search.batch_size,
         )
-        scorers = {
-            name: RewardScorer(phases.folder(f"scorer_{aspect}"), config.scorer.max_length).score
-            for name, aspect in (("help_score", "helpfulness"), ("harm_score", "harmlessness"))
-        }
+        scorers = build_scorers(config, phases)
         candidates = (
             peo_candidates(config.search.alphas, config.search.betas, offset)
             + soup_candidates(
@@ -354,7 +420,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         )
         evaluate_candidates(
             candidates,
-            search_prompts(config, tokenizer),
+            held_out_prompts(config, tokenizer, start=0),
             generator,
             scorers,
             folder,
@@ -366,13 +432,17 @@ def run_pipeline(config: PipelineConfig) -> dict:
     def bundle(folder: Path) -> None:
         # training phases count their own time across resumed runs; the rest their last run
         wall = {name: record["wall_time_seconds"] for name, record in records.items()}
-        for name in (*ASPECTS, "generalist", "mixed", "scorer_helpfulness", "scorer_harmlessness"):
+        for name in ("generalist", "mixed", "scorer_helpfulness", "scorer_harmlessness"):
             run_record = json.loads((phases.folder(name) / RECORD_FILE).read_text())
             wall[name] = run_record["wall_time_seconds"]
+        aspect_entries = read_manifest(aspects_path).vectors
+        for name in ASPECTS:
+            wall[name] = aspect_entries[name].recipe.get("wall_time_seconds")
         write_bundle(
-            {name: phases.folder(run) for name, run in VECTOR_RUNS.items()},
+            {"generalist": phases.folder("generalist")},
             config.bundle_dir,
             config.bundle_name,
+            copies={name: aspects_path for name in ASPECTS},
             offset=offset,
             phases={
                 "aspect_learning": {name: wall[name] for name in ASPECTS},
@@ -393,10 +463,37 @@ def run_pipeline(config: PipelineConfig) -> dict:
         "bundle",
         {
             "search": records["search"]["config_sha256"],
+            "aspects": aspects_sha256,
             "bundle_dir": config.bundle_dir,
             "bundle_name": config.bundle_name,
         },
         bundle,
+    )
+
+    def slider(folder: Path) -> None:
+        final = load_bundle(config.bundle_dir)
+        model, tokenizer = load_base_model(resolve_base_model(config.base_model))
+        generator = Generator(
+            model,
+            tokenizer,
+            dict(final.vectors),
+            max_new_tokens=config.search.max_new_tokens,
+            batch_size=config.search.batch_size,
+        )
+        document = check_slider(
+            final,
+            held_out_prompts(config, tokenizer, start=config.search.prompts_per_aspect),
+            generator,
+            build_scorers(config, phases),
+            config.slider_positions,
+        )
+        write_slider(document, folder)
+        write_slider(document, config.bundle_dir)
+
+    records["slider"] = phases.run(
+        "slider",
+        {"bundle": records["bundle"]["config_sha256"], "positions": config.slider_positions},
+        slider,
     )
     return {"ran": phases.ran, "skipped": phases.skipped}
 
@@ -404,12 +501,21 @@ def run_pipeline(config: PipelineConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path, help="a JSON file with the pipeline's settings")
+    parser.add_argument(
+        "--adopt",
+        nargs="+",
+        default=[],
+        choices=PHASE_NAMES,
+        metavar="PHASE",
+        help="phases whose folders hold a run begun outside the pipeline with the same settings: "
+        "resume it instead of starting afresh",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     config = PipelineConfig.model_validate_json(args.config.read_text())
-    print(json.dumps(run_pipeline(config)))
+    print(json.dumps(run_pipeline(config, tuple(args.adopt))))
 
 
 if __name__ == "__main__":
