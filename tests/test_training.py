@@ -7,6 +7,7 @@ DPOTrainer with a PEFT LoRA, checkpoints, the exported vector and the record.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -16,7 +17,13 @@ from peo_merge.fused_model import base_state
 from peo_merge.task_vector import load_task_vector
 from tests.tiny_model import write_tiny_base
 from training.config import AspectRunConfig
-from training.dpo import RECORD_FILE, VECTOR_FILE, export_newest_checkpoint, train_aspect
+from training.dpo import (
+    RECORD_FILE,
+    VECTOR_FILE,
+    export_newest_checkpoint,
+    finished_vector,
+    train_aspect,
+)
 
 
 def write_pairs(path, count: int) -> None:
@@ -91,6 +98,42 @@ def test_export_of_newest_checkpoint_matches_trained_vector(run, tmp_path):
     for target in trained.targets:
         for mine, theirs in zip(trained.factors[target], exported.factors[target], strict=True):
             assert torch.allclose(mine, theirs)
+
+
+def test_finished_run_is_kept_under_another_thread_count(run):
+    config, _ = run
+    record_path = config.output_dir / RECORD_FILE
+    before = record_path.stat().st_mtime_ns
+    assert train_aspect(config.model_copy(update={"threads": 2})) == (
+        config.output_dir / VECTOR_FILE
+    )
+    # nothing was trained or exported again
+    assert record_path.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize(
+    "update", [{"learning_rate": 1e-3}, {"steps": 5}, {"seed": 1}, {"lora_rank": 4}]
+)
+def test_changed_settings_do_not_count_as_finished(run, update):
+    config, _ = run
+    assert finished_vector(config) == config.output_dir / VECTOR_FILE
+    assert finished_vector(config.model_copy(update=update)) is None
+
+
+def test_changed_data_does_not_count_as_finished(run, tmp_path):
+    config, _ = run
+    data = tmp_path / "pairs.jsonl"
+    data.write_bytes(config.data[0].read_bytes() + b"\n")
+    moved = tmp_path / "run"
+    shutil.copytree(config.output_dir, moved, ignore=shutil.ignore_patterns("checkpoints"))
+    record = json.loads((moved / RECORD_FILE).read_text())
+    record["config"]["output_dir"] = str(moved)
+    (moved / RECORD_FILE).write_text(json.dumps(record))
+    same = config.model_copy(update={"output_dir": moved})
+    assert finished_vector(same) == moved / VECTOR_FILE
+    record["config"]["data"] = [str(data)]
+    (moved / RECORD_FILE).write_text(json.dumps(record))
+    assert finished_vector(same.model_copy(update={"data": (data,)})) is None
 
 
 def test_training_resumes_to_more_steps(run):

@@ -88,6 +88,10 @@ def train_aspect(config: AspectRunConfig, model=None, tokenizer=None) -> Path:
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
+    finished = finished_vector(config)
+    if finished is not None:
+        logger.info("%s: %s already holds this run, finished; kept", config.aspect, finished)
+        return finished
     if config.threads:
         torch.set_num_threads(config.threads)
     output_dir = config.output_dir
@@ -164,6 +168,26 @@ def train_aspect(config: AspectRunConfig, model=None, tokenizer=None) -> Path:
         trainer.state.log_history,
         wall_time.total(),
     )
+
+
+def finished_vector(config: AspectRunConfig) -> Path | None:
+    """Return the exported vector of a finished run of ``config`` in its folder, or None.
+
+    The run counts as finished when its record has the same settings, the thread count aside,
+    the same data file hashes, and all the configured steps.
+    """
+    record_path = config.output_dir / RECORD_FILE
+    vector_path = config.output_dir / VECTOR_FILE
+    if not (record_path.is_file() and vector_path.is_file()):
+        return None
+    record = json.loads(record_path.read_text())
+    recorded = dict(record["config"], threads=None)
+    wanted = dict(json.loads(config.model_dump_json()), threads=None)
+    if recorded != wanted or record["steps"] != config.steps:
+        return None
+    if record["data_files"] != data_hashes(config.data):
+        return None
+    return vector_path
 
 
 def export_vector(
