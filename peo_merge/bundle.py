@@ -25,6 +25,9 @@ from peo_merge.task_vector import KINDS, TaskVector, load_task_vector
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 PREFERENCE_MAP_FILE = "preference_map.json"
+PARETO_FILE = "pareto.json"
+# the parts of pareto.json a server reports; the scored points stay in the file
+PARETO_SUMMARY_KEYS = ("reference_point", "hypervolume", "fronts", "preference_map_kind")
 ASPECTS = ("helpfulness", "harmlessness")
 
 
@@ -117,11 +120,13 @@ class Bundle:
         manifest: Manifest,
         vectors: dict[str, TaskVector],
         preference_map: dict | None,
+        pareto: dict | None = None,
     ):
         self.path = path
         self.manifest = manifest
         self.vectors = vectors
         self.preference_map = preference_map
+        self.pareto = pareto
 
     def vector_coefficients(self, alpha: float, beta: float) -> dict[str, float]:
         """Return the coefficient of every task vector for the steered pair (α, β)."""
@@ -199,14 +204,27 @@ def load_bundle(path: Path) -> Bundle:
             )
         vectors[name] = vector
 
-    preference_map = None
-    map_path = path / PREFERENCE_MAP_FILE
-    if map_path.is_file():
-        try:
-            preference_map = json.loads(map_path.read_text())
-        except json.JSONDecodeError as error:
-            raise BundleError(f"{map_path}: invalid JSON: {error}") from error
-    return Bundle(path, manifest, vectors, preference_map)
+    preference_map = _optional_json(path / PREFERENCE_MAP_FILE)
+    pareto = _optional_json(path / PARETO_FILE)
+    if pareto is not None:
+        missing = [key for key in ("fronts", "hypervolume") if key not in pareto]
+        if missing:
+            raise BundleError(f"{path / PARETO_FILE}: no {missing[0]!r} entry")
+        pareto = {key: pareto[key] for key in PARETO_SUMMARY_KEYS if key in pareto}
+    return Bundle(path, manifest, vectors, preference_map, pareto)
+
+
+def _optional_json(path: Path) -> dict | None:
+    """Return the JSON object in ``path``, or None when there is no such file."""
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise BundleError(f"{path}: invalid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise BundleError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 def write_manifest(path: Path, manifest: Manifest) -> None:

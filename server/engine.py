@@ -299,6 +299,7 @@ class Engine:
             "coefficient_step": self.settings.coefficient_step,
             "default_preference": manifest.default_preference,
             "preference_map": self.preference_map.to_json(),
+            "pareto": self.bundle.pareto,
             "max_model_len": self.max_model_len,
             "max_new_tokens": self.settings.max_new_tokens,
             "fusion_expand": self.settings.fusion_expand,

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from peo_merge.bundle import (
     FORMAT_VERSION,
     MANIFEST_FILE,
+    PARETO_FILE,
     PREFERENCE_MAP_FILE,
     BundleError,
     Manifest,
@@ -311,6 +313,46 @@ def test_bundle_reads_preference_map(tmp_path):
     bundle = load_bundle(tmp_path)
 
     assert bundle.preference_map == points
+
+
+def test_bundle_reads_pareto_summary_without_points(tmp_path):
+    _write_bundle(tmp_path)
+    document = {
+        "reference_point": {"help_score": -1.0, "harm_score": -2.0},
+        "hypervolume": {"peo": 0.5, "soup": 0.25},
+        "fronts": {"peo": [{"alpha": 0.0, "beta": 1.0, "help_score": 0.1, "harm_score": 0.2}]},
+        "points": [{"method": "peo"}] * 3,
+    }
+    (tmp_path / PARETO_FILE).write_text(json.dumps(document))
+
+    bundle = load_bundle(tmp_path)
+
+    assert bundle.pareto == {
+        key: document[key] for key in ("reference_point", "hypervolume", "fronts")
+    }
+    assert load_bundle(_write_bundle_copy(tmp_path)).pareto is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{", "invalid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"fronts": {}}', "'hypervolume'"),
+    ],
+)
+def test_bundle_rejects_bad_pareto_file(tmp_path, text, message):
+    _write_bundle(tmp_path)
+    (tmp_path / PARETO_FILE).write_text(text)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(tmp_path)
+
+
+def _write_bundle_copy(source):
+    copy = source.parent / f"{source.name}-copy"
+    shutil.copytree(source, copy)
+    (copy / PARETO_FILE).unlink()
+    return copy
 
 
 def test_bundle_vector_coefficients_add_offset(tmp_path):
