@@ -131,6 +131,10 @@ def test_bundle_holds_vectors_offset_and_phases(pipeline):
     assert "θ₀ + 0.5·τ_helpfulness + 0.5·τ_harmlessness" in generalist["method"]
     for phase in ("aspect_learning", "scorers", "generalist", "mixed_dpo_baseline", "search"):
         assert phase in manifest.phases
+    points = (config.work_dir / "search" / "points.jsonl").read_text().splitlines()
+    assert manifest.phases["search"] == pytest.approx(
+        sum(json.loads(line)["seconds"] for line in points), abs=0.1
+    )
     assert bundle.preference_map is not None
 
 

@@ -123,6 +123,7 @@ def test_evaluation_records_points_and_resumes(tiny, tmp_path):
         assert len(point["responses"]) == len(PROMPTS)
         lengths = [len(response) for response in point["responses"]]
         assert point["help_score"] == pytest.approx(sum(lengths) / len(lengths))
+        assert point["seconds"] > 0
 
     on_disk = read_points(tmp_path / POINTS_FILE)
     assert set(on_disk) == set(points)

@@ -430,11 +430,18 @@ def run_pipeline(config: PipelineConfig, adopt: tuple[str, ...] = ()) -> dict:
     records["search"] = phases.run("search", search_settings, search)
 
     def bundle(folder: Path) -> None:
-        # training phases count their own time across resumed runs; the rest their last run
+        # training phases count their own time across resumed runs
         wall = {name: record["wall_time_seconds"] for name, record in records.items()}
         for name in ("generalist", "mixed", "scorer_helpfulness", "scorer_harmlessness"):
             run_record = json.loads((phases.folder(name) / RECORD_FILE).read_text())
             wall[name] = run_record["wall_time_seconds"]
+        points = [
+            json.loads(line)
+            for line in (phases.folder("search") / "points.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
+        # the search's runs may have been interrupted; its points hold the time of each
+        wall["search"] = round(sum(point["seconds"] for point in points), 1)
         aspect_entries = read_manifest(aspects_path).vectors
         for name in ASPECTS:
             wall[name] = aspect_entries[name].recipe.get("wall_time_seconds")
@@ -452,11 +459,6 @@ def run_pipeline(config: PipelineConfig, adopt: tuple[str, ...] = ()) -> dict:
                 "search": wall["search"],
             },
         )
-        points = [
-            json.loads(line)
-            for line in (phases.folder("search") / "points.jsonl").read_text().splitlines()
-            if line.strip()
-        ]
         write_outputs(points, config.bundle_dir)
 
     records["bundle"] = phases.run(

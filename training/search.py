@@ -6,8 +6,10 @@ coefficients, and one batch mixes rows of many candidates. Responses are greedy,
 scores depend on its coefficients, the prompts and the scorers, and on the batch it shared only
 through rounding (padding and batch size change the order of floating-point sums).
 
-Each candidate's result goes to one line of ``points.jsonl`` as soon as it is scored. A run that
-is started again skips candidates already there, keyed by their method and coefficients.
+Each candidate's result goes to one line of ``points.jsonl`` as soon as it is scored, with the
+seconds spent generating and scoring it. A run that is started again skips candidates already
+there, keyed by their method and coefficients, so the points' seconds add up to the search's
+compute time across interrupted runs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,8 +212,12 @@ def evaluate_candidates(
     for start in range(0, len(todo), candidates_per_batch):
         group = todo[start : start + candidates_per_batch]
         jobs = [(prompt, c.coefficients) for c in group for prompt, _ in prompts]
+        started = time.monotonic()
         responses = generator.generate(jobs)
+        # the group's generation time, shared evenly; each point adds its own scoring time
+        generation_share = (time.monotonic() - started) / len(group)
         for index, candidate in enumerate(group):
+            scoring_started = time.monotonic()
             mine = responses[index * len(prompts) : (index + 1) * len(prompts)]
             point = {
                 "key": candidate.key(),
@@ -224,6 +231,7 @@ def evaluate_candidates(
                 if not all(math.isfinite(score) for score in scores):
                     raise ValueError(f"{name} gave a non-finite score for {candidate.key()}")
                 point[name] = sum(scores) / len(scores)
+            point["seconds"] = round(generation_share + time.monotonic() - scoring_started, 3)
             point["responses"] = mine
             with path.open("a") as handle:
                 handle.write(json.dumps(point) + "\n")
