@@ -74,9 +74,11 @@ def test_generalist_run_trains_and_records_init(tiny, monkeypatch):
     started_from = {}
     real_train_aspect = generalist.train_aspect
 
-    def recording_train_aspect(config, model=None, tokenizer=None):
+    def recording_train_aspect(config, model=None, tokenizer=None, expected_init=None):
         started_from.update({k: v.clone() for k, v in base_state(model).items()})
-        return real_train_aspect(config, model=model, tokenizer=tokenizer)
+        return real_train_aspect(
+            config, model=model, tokenizer=tokenizer, expected_init=expected_init
+        )
 
     monkeypatch.setattr(generalist, "train_aspect", recording_train_aspect)
     data = folder / "mixed.jsonl"
@@ -102,3 +104,19 @@ def test_generalist_run_trains_and_records_init(tiny, monkeypatch):
     vector = load_task_vector(vector_path, "generalist", "lowrank", 2.0)
     assert len(vector.targets) == 4
     assert any(vector.factors[t][1].abs().max() > 0 for t in vector.targets)
+
+
+def test_finished_generalist_is_kept(tiny):
+    folder, base, bundle_path = tiny
+    config = tiny_run_config("mixed", folder / "mixed.jsonl", folder / "run", base)
+    record_path = config.output_dir / RECORD_FILE
+    before = record_path.stat().st_mtime_ns
+    assert train_generalist(config, bundle_path, init_weight=0.5) == config.output_dir / VECTOR_FILE
+    assert record_path.stat().st_mtime_ns == before
+
+
+def test_run_begun_from_another_init_is_rejected(tiny):
+    folder, base, bundle_path = tiny
+    config = tiny_run_config("mixed", folder / "mixed.jsonl", folder / "run", base)
+    with pytest.raises(ValueError, match="another θ_init"):
+        train_generalist(config, bundle_path, init_weight=0.25)

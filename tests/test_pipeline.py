@@ -19,7 +19,14 @@ from peo_merge.preference_map import PreferenceMap
 from tests.test_training import write_pairs
 from tests.tiny_model import write_tiny_base, write_tiny_encoder
 from training.bundle_writer import write_bundle
-from training.pipeline import PHASE_FILE, STARTED_FILE, Phases, PipelineConfig, run_pipeline
+from training.pipeline import (
+    PHASE_FILE,
+    STARTED_FILE,
+    Phases,
+    PipelineConfig,
+    held_out_prompts,
+    run_pipeline,
+)
 from training.report import METHODS
 from training.reward import default_encoder
 
@@ -284,3 +291,43 @@ def test_folder_not_begun_by_the_pipeline_is_wiped_unless_adopted(tmp_path):
             lambda folder, seen=seen: seen.extend(p.name for p in folder.iterdir()),
         )
         assert sorted(seen) == expected
+
+
+def test_adopt_wipes_a_folder_begun_under_other_settings(tmp_path):
+    Phases(tmp_path).run(
+        "train", {"rate": 1}, lambda folder: (folder / "checkpoint").write_text("old")
+    )
+    (tmp_path / "train" / PHASE_FILE).unlink()  # interrupted before it finished
+    seen = []
+    Phases(tmp_path, ("train",)).run(
+        "train", {"rate": 2}, lambda folder: seen.extend(p.name for p in folder.iterdir())
+    )
+    assert seen == [STARTED_FILE]
+
+
+def test_slider_prompts_follow_the_search_prompts(pipeline):
+    config, _ = pipeline
+    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+    search = held_out_prompts(config, tokenizer, start=0)
+    slider = held_out_prompts(config, tokenizer, start=config.search.prompts_per_aspect)
+    assert len(search) == len(slider) == 2 * config.search.prompts_per_aspect
+    assert not {prompt for prompt, _ in search} & {prompt for prompt, _ in slider}
+
+
+def test_too_few_held_out_pairs_is_an_error(pipeline):
+    config, _ = pipeline
+    greedy = config.model_copy(
+        update={"search": config.search.model_copy(update={"prompts_per_aspect": 50})}
+    )
+    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+    with pytest.raises(ValueError, match="prompts_per_aspect is 50"):
+        held_out_prompts(greedy, tokenizer, start=0)
+
+
+def test_bundle_dir_must_differ_from_aspect_bundle(pipeline):
+    config, _ = pipeline
+    with pytest.raises(ValueError, match="aspect_bundle and bundle_dir are both"):
+        PipelineConfig.model_validate(
+            config.model_dump(mode="json")
+            | {"aspect_bundle": str(config.bundle_dir), "bundle_dir": str(config.bundle_dir)}
+        )

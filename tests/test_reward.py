@@ -8,6 +8,7 @@ phrase. A scorer that learns anything at all must rank every held-out pair corre
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from transformers import AutoTokenizer
@@ -146,16 +147,34 @@ def test_scorer_scores_are_deterministic_and_ordered(trained):
     assert first[0] > first[1]
 
 
-def test_rerun_resumes_instead_of_training_again(trained):
+def test_finished_run_is_kept_instead_of_training_again(trained):
     config, record = trained
     states = sorted((config.output_dir / "checkpoints").glob("checkpoint-*/trainer_state.json"))
     assert states
     written = {path: path.stat().st_mtime_ns for path in states}
-    again = json.loads(train_scorer(config).read_text())
-    # no step ran, so no checkpoint was written again
+    record_written = (config.output_dir / "record.json").stat().st_mtime_ns
+    again = json.loads(train_scorer(config.model_copy(update={"threads": 2})).read_text())
+    # no step ran and nothing was written again
     assert {path: path.stat().st_mtime_ns for path in states} == written
+    assert (config.output_dir / "record.json").stat().st_mtime_ns == record_written
+    assert again == record
+
+
+def test_unfinished_run_resumes_without_training_again(trained, tmp_path):
+    config, record = trained
+    copy = tmp_path / "run"
+    shutil.copytree(config.output_dir, copy)
+    (copy / "record.json").unlink()
+    resumed = config.model_copy(update={"output_dir": copy})
+    again = json.loads(train_scorer(resumed).read_text())
     assert again["steps"] == record["steps"]
     assert again["heldout"] == pytest.approx(record["heldout"])
+
+
+def test_checkpoints_of_other_settings_are_not_resumed(trained):
+    config, _ = trained
+    with pytest.raises(ValueError, match="other learning_rate"):
+        train_scorer(config.model_copy(update={"learning_rate": 5e-4}))
 
 
 def test_pairwise_accuracy_counts_ties_as_wrong(trained):

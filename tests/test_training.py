@@ -123,17 +123,24 @@ def test_changed_settings_do_not_count_as_finished(run, update):
 def test_changed_data_does_not_count_as_finished(run, tmp_path):
     config, _ = run
     data = tmp_path / "pairs.jsonl"
-    data.write_bytes(config.data[0].read_bytes() + b"\n")
+    shutil.copy(config.data[0], data)
     moved = tmp_path / "run"
     shutil.copytree(config.output_dir, moved, ignore=shutil.ignore_patterns("checkpoints"))
     record = json.loads((moved / RECORD_FILE).read_text())
-    record["config"]["output_dir"] = str(moved)
+    record["data_files"] = {str(data): record["data_files"].popitem()[1]}
     (moved / RECORD_FILE).write_text(json.dumps(record))
-    same = config.model_copy(update={"output_dir": moved})
+    same = config.model_copy(update={"output_dir": moved, "data": (data,)})
     assert finished_vector(same) == moved / VECTOR_FILE
-    record["config"]["data"] = [str(data)]
-    (moved / RECORD_FILE).write_text(json.dumps(record))
-    assert finished_vector(same.model_copy(update={"data": (data,)})) is None
+    # the same path with other contents
+    data.write_bytes(data.read_bytes() + b"\n")
+    assert finished_vector(same) is None
+
+
+def test_checkpoints_of_other_settings_are_not_resumed(run):
+    config, _ = run
+    with pytest.raises(ValueError, match="other learning_rate") as error:
+        train_aspect(config.model_copy(update={"learning_rate": 1e-3}))
+    assert str(config.output_dir) in str(error.value)
 
 
 def test_training_resumes_to_more_steps(run):

@@ -25,15 +25,9 @@ from peo_merge.bundle import (
 )
 from peo_merge.task_vector import load_task_vector, save_task_vector
 from training.dpo import RECORD_FILE, VECTOR_FILE
+from training.runs import portable_hashes
 
 STORAGE_DTYPE = torch.float16
-
-
-def _portable_data_files(data_files: dict[str, str]) -> dict[str, str]:
-    """Key data file hashes by ``<folder>/<file>`` so the manifest contains no machine-local paths."""
-    return {
-        f"{Path(path).parent.name}/{Path(path).name}": digest for path, digest in data_files.items()
-    }
 
 
 def recipe_from_record(record: dict) -> dict:
@@ -47,7 +41,7 @@ def recipe_from_record(record: dict) -> dict:
         )
     recipe = {
         "method": f"DPO (TRL DPOTrainer) with a LoRA adapter, from {start}",
-        "data_files": _portable_data_files(record["data_files"]),
+        "data_files": portable_hashes(record["data_files"]),
         "train_pairs": record["train_pairs"],
         "heldout_pairs": record["heldout_pairs"],
         "heldout_fraction": config["heldout_fraction"],

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from peo_merge.base_model import load_base_model, resolve_base_model, sha256_file
+from peo_merge.base_model import load_base_model, resolve_base_model
 from peo_merge.task_vector import save_task_vector, task_vector_from_peft
 from training.config import DEFAULT_TARGETS, AspectRunConfig
-from training.data import data_files, read_pairs, split_train_heldout, to_dpo_rows
+from training.data import read_pairs, split_train_heldout, to_dpo_rows
+from training.runs import check_resumable, data_hashes, same_data, settings_differences
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +35,6 @@ def load_split(config: AspectRunConfig) -> tuple[list, list]:
     """Read every data path of a run and return its deterministic ``(train, heldout)`` pairs."""
     pairs = [pair for path in config.data for pair in read_pairs(path)]
     return split_train_heldout(pairs, config.heldout_fraction, config.seed)
-
-
-def data_hashes(paths: tuple[Path, ...]) -> dict[str, str]:
-    """Return ``{file: sha256}`` for every data file a run reads."""
-    return {str(file): sha256_file(file) for path in paths for file in data_files(path)}
 
 
 class WallTime:
@@ -72,26 +68,38 @@ class WallTime:
         return Progress()
 
 
-def train_aspect(config: AspectRunConfig, model=None, tokenizer=None) -> Path:
+def train_aspect(
+    config: AspectRunConfig, model=None, tokenizer=None, expected_init: dict | None = None
+) -> Path:
     """Train one aspect's LoRA with DPO and export it as a task vector.
+
+    A finished run of the same settings in ``config.output_dir`` is kept without loading
+    anything. An unfinished one resumes from its newest checkpoint.
 
     Args:
         config: the run description.
         model: the policy to start from; defaults to the resolved base model. The DPO reference
             is this same model with the adapter disabled.
         tokenizer: the tokenizer of ``model``.
+        expected_init: the ``init`` entry a finished run's record must have, for a run that
+            starts elsewhere than the base model.
 
     Returns:
         The path of the exported task vector file.
+
+    Raises:
+        ValueError: the folder holds checkpoints of a run with other settings or data.
     """
     from datasets import Dataset
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    finished = finished_vector(config)
+    finished = finished_vector(config, expected_init)
     if finished is not None:
         logger.info("%s: %s already holds this run, finished; kept", config.aspect, finished)
         return finished
+    # a run may be resumed to more steps, which lengthens its learning-rate schedule
+    check_resumable(config.output_dir, config, also_allowed=frozenset({"steps"}))
     if config.threads:
         torch.set_num_threads(config.threads)
     output_dir = config.output_dir
@@ -170,22 +178,29 @@ def train_aspect(config: AspectRunConfig, model=None, tokenizer=None) -> Path:
     )
 
 
-def finished_vector(config: AspectRunConfig) -> Path | None:
+INIT_KEYS = ("lambda", "coefficients", "vector_sha256")
+
+
+def finished_vector(config: AspectRunConfig, expected_init: dict | None = None) -> Path | None:
     """Return the exported vector of a finished run of ``config`` in its folder, or None.
 
-    The run counts as finished when its record has the same settings, the thread count aside,
-    the same data file hashes, and all the configured steps.
+    The run counts as finished when its record has the same settings (the thread count and
+    folders aside), the same data file contents, all the configured steps, and the expected
+    ``init`` entry: none for a run from the base model.
     """
     record_path = config.output_dir / RECORD_FILE
     vector_path = config.output_dir / VECTOR_FILE
     if not (record_path.is_file() and vector_path.is_file()):
         return None
     record = json.loads(record_path.read_text())
-    recorded = dict(record["config"], threads=None)
-    wanted = dict(json.loads(config.model_dump_json()), threads=None)
-    if recorded != wanted or record["steps"] != config.steps:
+    if settings_differences(record["config"], config) or record["steps"] != config.steps:
         return None
-    if record["data_files"] != data_hashes(config.data):
+    if not same_data(record["data_files"], config.data):
+        return None
+    recorded_init = record.get("init")
+    if recorded_init is not None:
+        recorded_init = {key: recorded_init.get(key) for key in INIT_KEYS}
+    if recorded_init != expected_init:
         return None
     return vector_path
 

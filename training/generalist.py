@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from peo_merge.base_model import load_base_model, resolve_base_model, sha256_file
-from peo_merge.bundle import load_bundle
+from peo_merge.bundle import load_bundle, read_manifest
 from peo_merge.fused_model import base_state
 from peo_merge.fusion import Fuser
 from training.config import AspectRunConfig
@@ -29,10 +29,13 @@ from training.dpo import (
     build_parser,
     config_from_args,
     export_newest_checkpoint,
+    finished_vector,
     train_aspect,
 )
 
 logger = logging.getLogger(__name__)
+
+INIT_FILE = "init.json"
 
 
 def init_coefficients(init_weight: float) -> dict[str, float]:
@@ -64,36 +67,64 @@ def fuse_into_model(model, bundle_path: Path, coefficients: dict[str, float]) ->
             state[name].copy_(fused)
 
 
+def expected_init(bundle_path: Path, init_weight: float) -> dict:
+    """Return the ``init`` entry of a generalist started from ``bundle_path`` with λ."""
+    coefficients = init_coefficients(init_weight)
+    manifest = read_manifest(bundle_path)
+    missing = [name for name in coefficients if name not in manifest.vectors]
+    if missing:
+        raise KeyError(
+            f"bundle {bundle_path} has no vector {missing[0]!r}; it has {sorted(manifest.vectors)}"
+        )
+    return {
+        "lambda": init_weight,
+        "coefficients": coefficients,
+        "vector_sha256": {
+            name: sha256_file(Path(bundle_path) / manifest.vectors[name].file)
+            for name in coefficients
+        },
+    }
+
+
 def train_generalist(config: AspectRunConfig, bundle_path: Path, init_weight: float = 0.5) -> Path:
     """Fuse θ_init, train τ_gen on top with DPO, and record the initialisation.
 
+    The initialisation is written to ``init.json`` before training starts, so a run is resumed
+    only from the same θ_init, and a finished run of the same θ_init and settings is kept.
+
     Returns:
         The path of the exported task vector file.
+
+    Raises:
+        ValueError: the run folder was begun from another θ_init.
     """
-    coefficients = init_coefficients(init_weight)
+    init = expected_init(bundle_path, init_weight)
+    finished = finished_vector(config, init)
+    if finished is not None:
+        logger.info("generalist: %s already holds this run, finished; kept", finished)
+        return finished
+    init_path = config.output_dir / INIT_FILE
+    if init_path.is_file() and json.loads(init_path.read_text()) != init:
+        raise ValueError(
+            f"{config.output_dir} was begun from another θ_init ({init_path}); resume it with "
+            "that bundle and λ, or choose another output folder"
+        )
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    init_path.write_text(json.dumps(init, indent=2) + "\n")
+
     model, tokenizer = load_base_model(resolve_base_model(config.base_model))
-    fuse_into_model(model, bundle_path, coefficients)
-    logger.info("generalist: θ_init fused with %s from %s", coefficients, bundle_path)
-    vector_path = train_aspect(config, model=model, tokenizer=tokenizer)
+    fuse_into_model(model, bundle_path, init["coefficients"])
+    logger.info("generalist: θ_init fused with %s from %s", init["coefficients"], bundle_path)
+    vector_path = train_aspect(config, model=model, tokenizer=tokenizer, expected_init=init)
     record_init(config, bundle_path, init_weight)
     return vector_path
 
 
 def record_init(config: AspectRunConfig, bundle_path: Path, init_weight: float) -> None:
     """Add the ``init`` entry (λ, the bundle, its vector hashes) to the run's ``record.json``."""
-    coefficients = init_coefficients(init_weight)
-    bundle = load_bundle(bundle_path)
     record_path = config.output_dir / RECORD_FILE
     record = json.loads(record_path.read_text())
-    record["init"] = {
-        "lambda": init_weight,
-        "coefficients": coefficients,
-        "bundle": str(bundle_path),
-        "vector_sha256": {
-            name: sha256_file(bundle.path / bundle.manifest.vectors[name].file)
-            for name in coefficients
-        },
-    }
+    record["init"] = expected_init(bundle_path, init_weight) | {"bundle": str(bundle_path)}
     record_path.write_text(json.dumps(record, indent=2) + "\n")
 
 

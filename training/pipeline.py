@@ -36,18 +36,19 @@ import shutil
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from peo_merge.base_model import load_base_model, resolve_base_model
+from peo_merge.base_model import load_base_model, resolve_base_model, sha256_file
 from peo_merge.bundle import load_bundle, read_manifest
 from peo_merge.task_vector import TaskVector, load_task_vector
 from training.bundle_writer import write_bundle
 from training.config import DEFAULT_TARGETS, AspectRunConfig, ScorerRunConfig
 from training.data import read_pairs, render_prompt, split_train_heldout
-from training.dpo import RECORD_FILE, VECTOR_FILE, data_hashes, train_aspect
+from training.dpo import RECORD_FILE, VECTOR_FILE, train_aspect
 from training.generalist import train_generalist
 from training.report import write_outputs
 from training.reward import RewardScorer, train_scorer
+from training.runs import data_hashes, portable_hashes
 from training.search import (
     Generator,
     evaluate_candidates,
@@ -55,7 +56,7 @@ from training.search import (
     single_candidates,
     soup_candidates,
 )
-from training.slider import DEFAULT_POSITIONS, check_slider, write_slider
+from training.slider import DEFAULT_POSITIONS, SLIDER_FILE, check_slider, write_slider
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,18 @@ class PipelineConfig(BaseModel):
     # slider positions whose answers are scored on held-out prompts the search did not use
     slider_positions: tuple[float, ...] = DEFAULT_POSITIONS
 
+    @model_validator(mode="after")
+    def _bundle_differs_from_its_source(self) -> PipelineConfig:
+        if self.aspect_bundle is not None and (
+            self.aspect_bundle.resolve() == self.bundle_dir.resolve()
+        ):
+            raise ValueError(
+                f"aspect_bundle and bundle_dir are both {self.bundle_dir}; the final bundle "
+                "replaces the folder it would copy τ_help and τ_harm from, so choose another "
+                "bundle_dir"
+            )
+        return self
+
     @field_validator("slider_positions")
     @classmethod
     def _slider_ends(cls, positions: tuple[float, ...]) -> tuple[float, ...]:
@@ -202,7 +215,7 @@ class Phases:
             if started_file.is_file()
             else None
         )
-        if folder.exists() and begun != expected and name in self.adopt:
+        if folder.exists() and begun is None and name in self.adopt:
             logger.info("phase %s: adopting the run already in %s", name, folder)
         elif folder.exists() and begun != expected:
             logger.info("phase %s: settings changed, starting afresh", name)
@@ -251,6 +264,12 @@ def held_out_prompts(config: PipelineConfig, tokenizer, start: int) -> list[tupl
     for data in (config.helpfulness_data, config.harmlessness_data):
         pairs = [pair for path in data for pair in read_pairs(path)]
         _, heldout = split_train_heldout(pairs, config.heldout_fraction, config.seed)
+        if len(heldout) < start + count:
+            raise ValueError(
+                f"search.prompts_per_aspect is {count}, but {[str(path) for path in data]} has "
+                f"{len(heldout)} held-out pairs, and the search and the slider check need "
+                f"{2 * count}; lower prompts_per_aspect or raise heldout_fraction"
+            )
         for pair in heldout[start : start + count]:
             prompt = render_prompt(pair, tokenizer, config.search.max_prompt_tokens)
             prompts.append((prompt, pair.messages))
@@ -271,8 +290,12 @@ def existing_aspects(path: Path) -> dict:
     Raises:
         BundleError: the bundle is invalid; a bundle always holds both aspect vectors.
     """
-    manifest = load_bundle(path).manifest
-    return {"bundle_vectors": {name: manifest.vectors[name].sha256 for name in ASPECTS}}
+    bundle = load_bundle(path)
+    return {
+        "bundle_vectors": {
+            name: sha256_file(bundle.path / bundle.manifest.vectors[name].file) for name in ASPECTS
+        }
+    }
 
 
 def run_pipeline(config: PipelineConfig, adopt: tuple[str, ...] = ()) -> dict:
@@ -300,7 +323,7 @@ def run_pipeline(config: PipelineConfig, adopt: tuple[str, ...] = ()) -> dict:
             ("helpfulness", config.helpfulness_data),
             ("harmlessness", config.harmlessness_data),
         ):
-            settings = dpo_settings | {"aspect": aspect, "data": data_hashes(data)}
+            settings = dpo_settings | {"aspect": aspect, "data": portable_hashes(data_hashes(data))}
             records[aspect] = phases.run(
                 aspect,
                 settings,
@@ -333,7 +356,7 @@ def run_pipeline(config: PipelineConfig, adopt: tuple[str, ...] = ()) -> dict:
             "heldout_fraction": config.heldout_fraction,
             "scorer": config.scorer.model_dump(),
             "aspect": aspect,
-            "data": data_hashes(data),
+            "data": portable_hashes(data_hashes(data)),
         }
         records[name] = phases.run(
             name,
@@ -355,7 +378,7 @@ def run_pipeline(config: PipelineConfig, adopt: tuple[str, ...] = ()) -> dict:
         "init_weight": config.init_weight,
         "steps": generalist_steps,
         "aspects": aspects_sha256,
-        "data": data_hashes(mixed_data),
+        "data": portable_hashes(data_hashes(mixed_data)),
     }
     records["generalist"] = phases.run(
         "generalist",
@@ -368,7 +391,7 @@ def run_pipeline(config: PipelineConfig, adopt: tuple[str, ...] = ()) -> dict:
     )
     records["mixed"] = phases.run(
         "mixed",
-        dpo_settings | {"aspect": "mixed", "data": data_hashes(mixed_data)},
+        dpo_settings | {"aspect": "mixed", "data": portable_hashes(data_hashes(mixed_data))},
         lambda folder: train_aspect(
             dpo_config(config, "mixed", mixed_data, folder, config.dpo.steps)
         ),
@@ -441,7 +464,12 @@ def run_pipeline(config: PipelineConfig, adopt: tuple[str, ...] = ()) -> dict:
             if line.strip()
         ]
         # the search's runs may have been interrupted; its points hold the time of each
-        wall["search"] = round(sum(point["seconds"] for point in points), 1)
+        untimed = sum("seconds" not in point for point in points)
+        if untimed:
+            logger.warning("search: %d points have no recorded seconds", untimed)
+        wall["search"] = round(sum(point.get("seconds", 0.0) for point in points), 1)
+        # a slider check of the bundle being replaced no longer applies
+        (config.bundle_dir / SLIDER_FILE).unlink(missing_ok=True)
         aspect_entries = read_manifest(aspects_path).vectors
         for name in ASPECTS:
             wall[name] = aspect_entries[name].recipe.get("wall_time_seconds")

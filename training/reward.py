@@ -26,7 +26,8 @@ import torch
 
 from training.config import ScorerRunConfig
 from training.data import PreferencePair, read_pairs, split_train_heldout
-from training.dpo import WALL_TIME_FILE, WallTime, data_hashes
+from training.dpo import WALL_TIME_FILE, WallTime
+from training.runs import check_resumable, data_hashes, same_data, settings_differences
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +155,23 @@ class RewardScorer:
         }
 
 
+def finished_scorer(config: ScorerRunConfig) -> Path | None:
+    """Return the record of a finished scorer run of ``config`` in its folder, or None.
+
+    The run counts as finished when its record has the same settings, the thread count and
+    folders aside, and the same data file contents, and its model was saved.
+    """
+    record_path = config.output_dir / RECORD_FILE
+    if not (record_path.is_file() and (config.output_dir / MODEL_DIR / "config.json").is_file()):
+        return None
+    record = json.loads(record_path.read_text())
+    if settings_differences(record["config"], config):
+        return None
+    if not same_data(record["data_sha256"], config.data):
+        return None
+    return record_path
+
+
 def train_scorer(config: ScorerRunConfig) -> Path:
     """Train one aspect's reward model, evaluate it on the held-out pairs, and save both.
 
@@ -164,6 +182,11 @@ def train_scorer(config: ScorerRunConfig) -> Path:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
+    finished = finished_scorer(config)
+    if finished is not None:
+        logger.info("%s scorer: %s already holds this run, finished; kept", config.aspect, finished)
+        return finished
+    check_resumable(config.output_dir, config)
     if config.threads:
         torch.set_num_threads(config.threads)
     output_dir = config.output_dir

@@ -44,10 +44,12 @@ def check_slider(
         positions: slider positions; must include 0 and 1.
 
     Raises:
-        ValueError: ``positions`` lacks 0 or 1, or holds a value outside [0, 1].
+        ValueError: there are no prompts, or ``positions`` lacks 0 or 1.
     """
+    if not prompts:
+        raise ValueError("the slider check needs at least one held-out prompt, got none")
     positions = tuple(sorted(set(positions)))
-    if positions[0] != 0.0 or positions[-1] != 1.0:
+    if not positions or positions[0] != 0.0 or positions[-1] != 1.0:
         raise ValueError(f"slider positions {list(positions)} must include 0 and 1, within [0, 1]")
     mapping = slider_map(bundle)
     dialogues = [turns for _, turns in prompts]
