@@ -88,7 +88,7 @@ def train_aspect(
         The path of the exported task vector file.
 
     Raises:
-        ValueError: the folder holds checkpoints of a run with other settings or data.
+        ValueError: the folder contains checkpoints of a run with other settings or data.
     """
     from datasets import Dataset
     from peft import LoraConfig

@@ -55,7 +55,7 @@ def same_data(recorded_hashes: dict[str, str], paths: tuple[Path, ...]) -> bool:
 def check_resumable(
     output_dir: Path, config: BaseModel, also_allowed: frozenset[str] = frozenset()
 ) -> None:
-    """Raise if ``output_dir`` holds checkpoints of a run with other settings or data.
+    """Raise if ``output_dir`` contains checkpoints of a run with other settings or data.
 
     Args:
         output_dir: the run folder, with ``config.json`` and ``checkpoints/`` when begun.
@@ -78,6 +78,6 @@ def check_resumable(
         differences.append("data")
     if differences:
         raise ValueError(
-            f"{output_dir} holds checkpoints of a run with other {', '.join(differences)} "
+            f"{output_dir} contains checkpoints of a run with other {', '.join(differences)} "
             f"({config_path}); resume it with those settings, or choose another output folder"
         )

@@ -1,8 +1,8 @@
-"""Check that the slider steers: score the served model's answers at several slider positions.
+"""Check that the slider steers: score the served model's responses at several slider positions.
 
 For each position w, the bundle's preference map (the soup line when it has none) gives the
-steered pair (α, β), and θ(α, β) answers held-out prompts greedily. Both scorers score every
-answer. The slider steers the right way when the mean helpfulness score at w = 1 is above the
+steered pair (α, β), and θ(α, β) responds to held-out prompts greedily. Both scorers score every
+response. The slider steers the right way when the mean helpfulness score at w = 1 is above the
 one at w = 0 and the mean harmlessness score is below it. Positions in between are reported
 too, with whether each step keeps both directions.
 """
@@ -34,7 +34,7 @@ def check_slider(
     scorers: dict[str, Scorer],
     positions: tuple[float, ...] = DEFAULT_POSITIONS,
 ) -> dict:
-    """Score the answers at each slider position; return the ``slider.json`` document.
+    """Score the responses at each slider position; return the ``slider.json`` document.
 
     Args:
         bundle: the bundle whose map and vectors are served.
