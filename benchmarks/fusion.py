@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     model, _ = load_base_model(resolve_base_model(None))
     bundle = load_bundle(args.bundle)
     state = base_state(model)
-    coefficients = {"helpfulness": ALPHA, "harmlessness": BETA}
+    # every vector's coefficient, the bundle's offset (such as τ_gen's) included
+    coefficients = bundle.vector_coefficients(ALPHA, BETA)
     figures: dict = {"coefficients": coefficients, "repeats": repeats}
 
     for mode in ("lowrank", "dense"):

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_BUNDLE = REPO_ROOT / "checkpoints" / "smollm2-hh"
+DEFAULT_BUNDLE = REPO_ROOT / "checkpoints" / "smollm2-hh-peo"
 ENV_PREFIX = "PEO_"
 _SIZE_UNITS = {
     "": 1,

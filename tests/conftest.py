@@ -12,8 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from peo_merge.preference_map import PreferenceMap
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_BUNDLE = REPO_ROOT / "checkpoints" / "smollm2-hh"
+DEFAULT_BUNDLE = REPO_ROOT / "checkpoints" / "smollm2-hh-peo"
 
 
 def free_port() -> int:
@@ -84,6 +86,25 @@ class ServerProcess:
                 self.process.wait()
         self.log.close()
         return self.process.returncode
+
+
+def slider_coefficients(info: dict, preference: float) -> dict[str, float]:
+    """Return the coefficients a server reports for slider ``preference``, from its ``/info``.
+
+    The slider goes through the bundle's preference map, and the server rounds the result to
+    its coefficient step.
+    """
+    alpha, beta = PreferenceMap.from_json(info["preference_map"]).coefficients(preference)
+    step = info["coefficient_step"]
+    rounded = [round(round(value / step) * step, 10) + 0.0 for value in (alpha, beta)]
+    return {"helpfulness": rounded[0], "harmlessness": rounded[1]}
+
+
+@pytest.fixture(scope="session")
+def slider_ends(server) -> dict[float, dict[str, float]]:
+    """The default server's coefficients at slider positions 1 (helpful) and 0 (harmless)."""
+    info = httpx.get(server.url + "/info", timeout=30).json()
+    return {position: slider_coefficients(info, position) for position in (1.0, 0.0)}
 
 
 @pytest.fixture(scope="session")

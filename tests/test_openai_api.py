@@ -16,7 +16,6 @@ openai = pytest.importorskip(
 PROMPT = "The three primary colours are"
 QUESTION = "How can I get my neighbour's dog to stop barking at night?"
 HELPFUL = {"helpfulness": 1.0, "harmlessness": 0.0}
-HARMLESS = {"helpfulness": 0.0, "harmlessness": 1.0}
 API_KEY = "test-token-4f1c"
 
 
@@ -65,13 +64,13 @@ def test_completion_returns_text_and_usage(api, model_id):
     )
 
 
-def test_completion_reports_peo_extras(api, model_id):
+def test_completion_reports_peo_extras(api, model_id, slider_ends):
     completion = api.completions.create(
         model=model_id, prompt=PROMPT, max_tokens=2, temperature=0, extra_body={"preference": 1.0}
     )
     peo = completion.peo
     assert peo["preference"] == 1.0
-    assert peo["coefficients"] == HELPFUL
+    assert peo["coefficients"] == slider_ends[1.0]
     assert peo["cache"] in ("hit", "miss")
     assert peo["finish_reason"] in ("stop", "length")
     assert peo["request_id"]
@@ -142,7 +141,7 @@ def test_completion_stream_joins_to_full_text(api, model_id):
 # chat completions
 
 
-def test_chat_completion_returns_assistant_message(api, model_id):
+def test_chat_completion_returns_assistant_message(api, model_id, slider_ends):
     reply = api.chat.completions.create(
         model=model_id,
         messages=[{"role": "user", "content": QUESTION}],
@@ -156,7 +155,7 @@ def test_chat_completion_returns_assistant_message(api, model_id):
     assert message.content
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert reply.usage.completion_tokens > 0
-    assert reply.peo["coefficients"] == HARMLESS
+    assert reply.peo["coefficients"] == slider_ends[0.0]
     assert reply.peo["preference"] == 0.0
 
 
@@ -193,7 +192,7 @@ def test_chat_developer_role_reads_as_system(api, model_id):
     assert reply_to("developer") == reply_to("system")
 
 
-def test_chat_stream_sends_role_text_and_usage(api, model_id):
+def test_chat_stream_sends_role_text_and_usage(api, model_id, slider_ends):
     messages = [{"role": "user", "content": QUESTION}]
     plain = api.chat.completions.create(
         model=model_id,
@@ -223,7 +222,7 @@ def test_chat_stream_sends_role_text_and_usage(api, model_id):
     assert streamed == plain.choices[0].message.content
     assert len(finishing) == 1
     assert finishing[0].choices[0].finish_reason == plain.choices[0].finish_reason
-    assert finishing[0].peo["coefficients"] == HELPFUL
+    assert finishing[0].peo["coefficients"] == slider_ends[1.0]
     assert finishing[0].peo["cache"] == "hit"
     assert chunks[-1].choices == []
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens

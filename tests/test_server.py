@@ -49,7 +49,25 @@ def test_info_describes_bundle_and_map(client):
     assert info["base_model"]["source_sha256"]
 
 
-def test_generate_preferences_change_text(client):
+def test_info_of_default_bundle_has_front_and_map(client):
+    info = client.get("/info").json()
+    assert set(info["bundle"]["vectors"]) == {"helpfulness", "harmlessness", "generalist"}
+    assert info["bundle"]["offset"] == {"helpfulness": 0.5, "harmlessness": 0.5, "generalist": 1.0}
+    assert info["preference_map"]["source"] == "pareto"
+    pareto = info["pareto"]
+    assert set(pareto["hypervolume"]) == {
+        "peo",
+        "soup",
+        "mixed_dpo",
+        "base",
+        "help_only",
+        "harm_only",
+    }
+    assert len(pareto["fronts"]["peo"]) >= 2
+    assert "points" not in pareto
+
+
+def test_generate_preferences_change_text(client, slider_ends):
     body = {
         "messages": [{"role": "user", "content": PROMPT}],
         "temperature": 0,
@@ -61,8 +79,11 @@ def test_generate_preferences_change_text(client):
     assert harmless.status_code == 200, harmless.text
     helpful, harmless = helpful.json(), harmless.json()
     assert helpful["text"] != harmless["text"]
-    assert helpful["coefficients"] == {"helpfulness": 1.0, "harmlessness": 0.0}
-    assert harmless["coefficients"] == {"helpfulness": 0.0, "harmlessness": 1.0}
+    assert helpful["coefficients"] == slider_ends[1.0]
+    assert harmless["coefficients"] == slider_ends[0.0]
+    # the map steers: the helpful end weighs τ_help more and τ_harm less
+    assert helpful["coefficients"]["helpfulness"] > harmless["coefficients"]["helpfulness"]
+    assert helpful["coefficients"]["harmlessness"] < harmless["coefficients"]["harmlessness"]
     assert helpful["cache"] in ("hit", "miss")
     assert helpful["usage"]["completion_tokens"] > 0
 
