@@ -473,8 +473,18 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def handle_validation_error(request: Request, error: RequestValidationError):
         items = error.errors()
-        if any(item.get("type") == "json_invalid" for item in items):
-            return _error(400, "invalid_json", "request body is not valid UTF-8 JSON")
+        broken = [item for item in items if item.get("type") == "json_invalid"]
+        if broken:
+            # FastAPI puts the parser's message in the context and the character offset last
+            # in the location
+            detail = broken[0].get("ctx", {}).get("error")
+            offsets = [part for part in broken[0].get("loc", ()) if isinstance(part, int)]
+            message = "request body is not valid UTF-8 JSON"
+            if detail:
+                message += f": {detail}"
+            if offsets:
+                message += f" at character {offsets[-1]}"
+            return _error(400, "invalid_json", message, "body")
         field, message = _describe_validation_error(items[0])
         if len(items) > 1:
             message += f" (and {len(items) - 1} more problem{'s' if len(items) > 2 else ''})"
@@ -485,7 +495,10 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         if error.status_code == 400:
             # FastAPI raises a bare 400 when the body cannot be decoded before validation runs
             return _error(
-                400, "invalid_json", f"request body is not valid UTF-8 JSON: {error.detail}"
+                400,
+                "invalid_json",
+                f"request body is not valid UTF-8 JSON: {error.detail}",
+                "body",
             )
         error_type = {404: "not_found", 405: "method_not_allowed"}.get(
             error.status_code, "http_error"

@@ -72,8 +72,8 @@ class RequestContextMiddleware:
                 ]
             await send(message)
 
-        async def reject(status: int, error_type: str, text: str) -> None:
-            body = error_payload(error_type, text)
+        async def reject(status: int, error_type: str, text: str, field: str) -> None:
+            body = error_payload(error_type, text, field)
             await send_with_context(
                 {
                     "type": "http.response.start",
@@ -96,6 +96,7 @@ class RequestContextMiddleware:
                         413,
                         "body_too_large",
                         f"request body exceeds the limit of {self.max_body_bytes} bytes",
+                        "body",
                     )
                     return
                 body = await self._read_body(receive)
@@ -104,6 +105,7 @@ class RequestContextMiddleware:
                         413,
                         "body_too_large",
                         f"request body exceeds the limit of {self.max_body_bytes} bytes",
+                        "body",
                     )
                     return
                 content_type = headers.get(b"content-type")
@@ -116,6 +118,7 @@ class RequestContextMiddleware:
                         415,
                         "unsupported_media_type",
                         f"Content-Type header is {declared_type!r}; allowed: application/json",
+                        "Content-Type",
                     )
                     return
                 if body and content_type is None:

@@ -321,6 +321,22 @@ def test_generate_rejects_invalid_utf8(client):
     )
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_json"
+    assert response.json()["error"]["field"] == "body"
+    assert client.get("/readyz").status_code == 200
+
+
+def test_generate_rejects_truncated_json_with_position(client):
+    response = client.post(
+        "/generate", content=b'{"prompt": "hi", ', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_json"
+    assert error["field"] == "body"
+    assert error["message"] == (
+        "request body is not valid UTF-8 JSON: "
+        "Expecting property name enclosed in double quotes at character 17"
+    )
     assert client.get("/readyz").status_code == 200
 
 
@@ -329,6 +345,7 @@ def test_generate_rejects_oversized_body(client):
     response = client.post("/generate", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 413
     assert response.json()["error"]["type"] == "body_too_large"
+    assert response.json()["error"]["field"] == "body"
     assert client.get("/healthz").status_code == 200
 
 
@@ -346,6 +363,7 @@ def test_generate_rejects_non_json_content_type(client, content_type):
     assert response.status_code == 415, response.text
     error = response.json()["error"]
     assert error["type"] == "unsupported_media_type"
+    assert error["field"] == "Content-Type"
     assert "Content-Type" in error["message"]
     assert content_type in error["message"]
     assert client.get("/readyz").status_code == 200
