@@ -96,7 +96,7 @@ def train_aspect(
 
     finished = finished_vector(config, expected_init)
     if finished is not None:
-        logger.info("%s: %s already holds this run, finished; kept", config.aspect, finished)
+        logger.info("%s: %s contains this run, already finished; kept", config.aspect, finished)
         return finished
     # a run may be resumed to more steps, which lengthens its learning-rate schedule
     check_resumable(config.output_dir, config, also_allowed=frozenset({"steps"}))

@@ -101,7 +101,7 @@ def train_generalist(config: AspectRunConfig, bundle_path: Path, init_weight: fl
     init = expected_init(bundle_path, init_weight)
     finished = finished_vector(config, init)
     if finished is not None:
-        logger.info("generalist: %s already holds this run, finished; kept", finished)
+        logger.info("generalist: %s contains this run, already finished; kept", finished)
         return finished
     init_path = config.output_dir / INIT_FILE
     if init_path.is_file() and json.loads(init_path.read_text()) != init:

@@ -6,7 +6,7 @@ Run as ``python -m training.pipeline CONFIG.json``. The phases, in order:
 2. ``aspect_bundle``: a bundle of the two vectors, which θ_init is fused from.
 
    With ``aspect_bundle`` set in the config, phases 1 and 2 do not run: an existing bundle
-   that holds τ_help and τ_harm takes their place, and its vectors, recipes included, are
+   that contains τ_help and τ_harm takes their place, and its vectors, recipes included, are
    copied into the final bundle.
 3. ``scorer_helpfulness`` and ``scorer_harmlessness``: the reward-model scorers.
 4. ``generalist``: τ_gen, DPO on the mixed data from θ_init.
@@ -146,7 +146,7 @@ class PipelineConfig(BaseModel):
     dpo: DpoSettings = DpoSettings()
     scorer: ScorerSettings = ScorerSettings()
     search: SearchSettings = SearchSettings()
-    # slider positions whose answers are scored on held-out prompts the search did not use
+    # slider positions whose responses are scored on held-out prompts the search did not use
     slider_positions: tuple[float, ...] = DEFAULT_POSITIONS
 
     @model_validator(mode="after")
@@ -288,7 +288,7 @@ def existing_aspects(path: Path) -> dict:
     """Return the sha256 of τ_help and τ_harm in an existing bundle, its phase-1 record.
 
     Raises:
-        BundleError: the bundle is invalid; a bundle always holds both aspect vectors.
+        BundleError: the bundle is invalid, because a valid bundle contains both aspect vectors.
     """
     bundle = load_bundle(path)
     return {
@@ -301,7 +301,7 @@ def existing_aspects(path: Path) -> dict:
 def run_pipeline(config: PipelineConfig, adopt: tuple[str, ...] = ()) -> dict:
     """Run every phase that does not match its record yet; return what ran and what was skipped.
 
-    ``adopt`` names phases whose folders hold runs begun outside the pipeline, to resume.
+    ``adopt`` names phases whose folders contain runs begun outside the pipeline, to resume.
     """
     import torch
 
@@ -463,7 +463,7 @@ def run_pipeline(config: PipelineConfig, adopt: tuple[str, ...] = ()) -> dict:
             for line in (phases.folder("search") / "points.jsonl").read_text().splitlines()
             if line.strip()
         ]
-        # the search's runs may have been interrupted; its points hold the time of each
+        # the search's runs may have been interrupted, so each point records its own time
         untimed = sum("seconds" not in point for point in points)
         if untimed:
             logger.warning("search: %d points have no recorded seconds", untimed)
@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         choices=PHASE_NAMES,
         metavar="PHASE",
-        help="phases whose folders hold a run begun outside the pipeline with the same settings: "
+        help="phases whose folders contain a run begun outside the pipeline with the same settings: "
         "resume it instead of starting afresh",
     )
     args = parser.parse_args(argv)

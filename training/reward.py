@@ -184,7 +184,9 @@ def train_scorer(config: ScorerRunConfig) -> Path:
 
     finished = finished_scorer(config)
     if finished is not None:
-        logger.info("%s scorer: %s already holds this run, finished; kept", config.aspect, finished)
+        logger.info(
+            "%s scorer: %s contains this run, already finished; kept", config.aspect, finished
+        )
         return finished
     check_resumable(config.output_dir, config)
     if config.threads:
