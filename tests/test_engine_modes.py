@@ -147,13 +147,18 @@ def test_auto_mode_sequential_requests_stay_fused(server):
 
 def test_auto_mode_holds_unfused_briefly_after_mixed_load(server):
     """Right after mixed load, a lone request still runs unfused; once the hold passes, fused."""
+    body = {"preference": 0.3, "max_new_tokens": 24, "ignore_eos": True}
+    # fuse the first pair beforehand: a first request still fusing when the second finished
+    # would then decode alone, after the mixed load, and rightly run fused
+    generate(server.url, body | {"max_new_tokens": 1})
+    time.sleep(AUTO_MIXED_HOLD_SECONDS + 0.1)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        body = {"preference": 0.3, "max_new_tokens": 24, "ignore_eos": True}
         first = pool.submit(generate, server.url, body)
         wait_for_one_in_flight(server.url)
         second = pool.submit(generate, server.url, body | {"preference": 0.7})
         assert second.result()["engine"] == "unfused"
-        first.result()
+        # the first request moved into the unfused batch when the second arrived
+        assert first.result()["engine"] == "unfused"
     right_after = generate(server.url, {"preference": 0.5, "max_new_tokens": 2})
     time.sleep(AUTO_MIXED_HOLD_SECONDS + 0.1)
     later = generate(server.url, {"preference": 0.5, "max_new_tokens": 2})
