@@ -271,7 +271,7 @@ def test_aspect_bundle_without_an_aspect_is_an_error(pipeline, tmp_path):
     assert not (tmp_path / "work" / "generalist").exists()
 
 
-def test_copying_a_vector_into_its_own_bundle_is_an_error(pipeline):
+def test_copy_into_own_bundle_rejected(pipeline):
     config, _ = pipeline
     with pytest.raises(ValueError, match="into itself"):
         write_bundle({}, config.bundle_dir, "same", copies={"helpfulness": config.bundle_dir})
@@ -279,7 +279,7 @@ def test_copying_a_vector_into_its_own_bundle_is_an_error(pipeline):
     assert load_bundle(config.bundle_dir).manifest.name == "tiny"
 
 
-def test_folder_not_begun_by_the_pipeline_is_wiped_unless_adopted(tmp_path):
+def test_unbegun_folder_wiped_unless_adopted(tmp_path):
     for adopt, expected in (((), [STARTED_FILE]), (("train",), ["checkpoint", STARTED_FILE])):
         work = tmp_path / str(bool(adopt))
         (work / "train").mkdir(parents=True)

@@ -1,6 +1,6 @@
 """The slider check: positions go through the bundle's map, and the flags follow the scores.
 
-The generator here is a stand-in that answers with the coefficients it was given, so each score
+The generator here is a stand-in that responds with the coefficients it was given, so each score
 is a known function of the coefficients. The real generator and scorers run in
 ``tests/test_pipeline.py``.
 """
@@ -14,7 +14,7 @@ from training.slider import check_slider
 
 
 class EchoGenerator:
-    """Answers every job with its helpfulness and harmlessness coefficients as text."""
+    """Respond to every job with its helpfulness and harmlessness coefficients as text."""
 
     def __init__(self):
         self.calls = []
@@ -56,8 +56,10 @@ def test_soup_line_without_a_map_steers_both_ways():
     assert [row["preference"] for row in document["positions"]] == [0.0, 0.5, 1.0]
     assert [row["help_score"] for row in document["positions"]] == [0.0, 0.5, 1.0]
     assert [row["harm_score"] for row in document["positions"]] == [1.0, 0.5, 0.0]
-    assert document["help_rises"] and document["harm_falls"]
-    assert document["help_monotone"] and document["harm_monotone"]
+    assert document["help_rises"]
+    assert document["harm_falls"]
+    assert document["help_monotone"]
+    assert document["harm_monotone"]
     assert document["prompts"] == 2
     assert all(len(jobs) == 2 for jobs in generator.calls)
 
@@ -82,8 +84,10 @@ def test_map_and_offset_set_the_coefficients():
 def test_flags_report_a_slider_that_does_not_steer():
     reversed_scorers = {"help_score": score_by(1), "harm_score": score_by(0)}
     document = check_slider(bundle(), PROMPTS, EchoGenerator(), reversed_scorers, (0.0, 1.0))
-    assert not document["help_rises"] and not document["harm_falls"]
-    assert not document["help_monotone"] and not document["harm_monotone"]
+    assert not document["help_rises"]
+    assert not document["harm_falls"]
+    assert not document["help_monotone"]
+    assert not document["harm_monotone"]
 
 
 @pytest.mark.parametrize("positions", [(0.0, 0.5), (0.5, 1.0)])

@@ -116,15 +116,21 @@ def train_generalist(config: AspectRunConfig, bundle_path: Path, init_weight: fl
     fuse_into_model(model, bundle_path, init["coefficients"])
     logger.info("generalist: θ_init fused with %s from %s", init["coefficients"], bundle_path)
     vector_path = train_aspect(config, model=model, tokenizer=tokenizer, expected_init=init)
-    record_init(config, bundle_path, init_weight)
+    record_init(config, bundle_path, init_weight, init)
     return vector_path
 
 
-def record_init(config: AspectRunConfig, bundle_path: Path, init_weight: float) -> None:
-    """Add the ``init`` entry (λ, the bundle, its vector hashes) to the run's ``record.json``."""
+def record_init(
+    config: AspectRunConfig, bundle_path: Path, init_weight: float, init: dict | None = None
+) -> None:
+    """Add the ``init`` entry (λ, the bundle, its vector hashes) to the run's ``record.json``.
+
+    ``init`` is the entry of :func:`expected_init` when the caller has computed it already.
+    """
     record_path = config.output_dir / RECORD_FILE
     record = json.loads(record_path.read_text())
-    record["init"] = expected_init(bundle_path, init_weight) | {"bundle": str(bundle_path)}
+    init = init or expected_init(bundle_path, init_weight)
+    record["init"] = init | {"bundle": str(bundle_path)}
     record_path.write_text(json.dumps(record, indent=2) + "\n")
 
 
