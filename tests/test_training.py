@@ -112,7 +112,15 @@ def test_finished_run_is_kept_under_another_thread_count(run):
 
 
 @pytest.mark.parametrize(
-    "update", [{"learning_rate": 1e-3}, {"steps": 5}, {"seed": 1}, {"lora_rank": 4}]
+    "update",
+    [
+        {"learning_rate": 1e-3},
+        {"steps": 5},
+        {"seed": 1},
+        {"lora_rank": 4},
+        {"data_seed": 1},
+        {"bf16": True},
+    ],
 )
 def test_changed_settings_do_not_count_as_finished(run, update):
     config, _ = run

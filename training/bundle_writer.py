@@ -61,9 +61,34 @@ def recipe_from_record(record: dict) -> dict:
         "wall_time_seconds": record["wall_time_seconds"],
         "torch_threads": record.get("torch_threads"),
     }
+    if config.get("data_seed") is not None:
+        recipe["data_seed"] = config["data_seed"]
+    recipe["bf16_autocast"] = bool(config.get("bf16", False))
     if init is not None:
         recipe["init"] = {key: init[key] for key in ("lambda", "coefficients", "vector_sha256")}
+    start = record.get("start")
+    if start is not None:
+        earlier = start["recipe"]
+        recipe["method"] += (
+            f", continuing the vector of bundle {start['bundle']} "
+            f"(sha256 {start['sha256'][:12]}…, {total_steps(earlier)} steps)"
+        )
+        recipe["continues"] = {"bundle": start["bundle"], "sha256": start["sha256"], **earlier}
+        recipe["total_steps"] = total_steps(earlier) + record["steps"]
+        recipe["total_wall_time_seconds"] = round(
+            total_wall_time(earlier) + record["wall_time_seconds"], 1
+        )
     return recipe
+
+
+def total_steps(recipe: dict) -> int:
+    """Optimizer steps of a vector's recipe, those of the runs it continues included."""
+    return recipe.get("total_steps", recipe["steps"])
+
+
+def total_wall_time(recipe: dict) -> float:
+    """Training seconds of a vector's recipe, those of the runs it continues included."""
+    return recipe.get("total_wall_time_seconds", recipe["wall_time_seconds"])
 
 
 def _copy_sources(copies: dict[str, Path], output: Path) -> dict[str, tuple]:
@@ -159,7 +184,7 @@ def write_bundle(
         phases=phases
         or {
             "aspect_learning": {
-                aspect: entry.recipe["wall_time_seconds"] for aspect, entry in entries.items()
+                aspect: total_wall_time(entry.recipe) for aspect, entry in entries.items()
             }
         },
     )

@@ -32,8 +32,19 @@ class AspectRunConfig(BaseModel):
     lora_alpha: float = Field(default=16.0, gt=0.0)
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     seed: int = 0
+    data_seed: int | None = Field(
+        default=None,
+        description="seed of the training pairs' order; None uses seed, which also fixes the split",
+    )
     save_every: int = Field(default=10, gt=0)
     threads: int | None = Field(default=None, gt=0)
+    bf16: bool = Field(
+        default=False, description="run forward and backward passes under bfloat16 autocast"
+    )
+    start_bundle: Path | None = Field(
+        default=None,
+        description="a bundle whose vector of this aspect the LoRA starts from, to train it further",
+    )
 
     @property
     def effective_batch_size(self) -> int:

@@ -4,7 +4,8 @@ Run as ``python -m training.dpo --aspect helpfulness --data PATH ... --output-di
 saves a Trainer checkpoint every ``save_every`` steps under ``DIR/checkpoints`` and resumes from
 the newest one when started again with the same arguments. When it finishes it writes
 ``DIR/task_vector.safetensors`` and ``DIR/record.json`` (config, data file hashes, pair counts,
-steps, learning-rate schedule, wall time). ``--export-checkpoint`` writes the same two files from
+steps, learning-rate schedule, wall time). ``--start-bundle BUNDLE`` trains that bundle's vector
+of the aspect further instead of starting from zero. ``--export-checkpoint`` writes the same two files from
 the newest checkpoint of a run that was stopped early.
 """
 
@@ -23,6 +24,7 @@ from peo_merge.task_vector import save_task_vector, task_vector_from_peft
 from training.config import DEFAULT_TARGETS, AspectRunConfig
 from training.data import read_pairs, split_train_heldout, to_dpo_rows
 from training.runs import check_resumable, data_hashes, same_data, settings_differences
+from training.start_vector import load_start_factors, start_entry
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ def train_aspect(
         return finished
     # a run may be resumed to more steps, which lengthens its learning-rate schedule
     check_resumable(config.output_dir, config, also_allowed=frozenset({"steps"}))
+    start = start_entry(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     output_dir = config.output_dir
@@ -137,12 +140,13 @@ def train_aspect(
         save_steps=config.save_every,
         save_total_limit=2,
         seed=config.seed,
-        data_seed=config.seed,
+        data_seed=config.seed if config.data_seed is None else config.data_seed,
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         disable_tqdm=True,
         gradient_checkpointing=False,
+        bf16=config.bf16,
     )
     lora = LoraConfig(
         r=config.lora_rank,
@@ -162,6 +166,9 @@ def train_aspect(
         callbacks=[wall_time.callback(config.aspect)],
     )
     has_checkpoint = any(checkpoint_dir.glob("checkpoint-*"))
+    if start is not None and not has_checkpoint:
+        layers = load_start_factors(trainer.model, config)
+        logger.info("%s: LoRA starts from %s (%d layers)", config.aspect, start["bundle"], layers)
     trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
     wall_time.write()
 
@@ -175,6 +182,7 @@ def train_aspect(
         trainer.state.global_step,
         trainer.state.log_history,
         wall_time.total(),
+        start,
     )
 
 
@@ -202,6 +210,10 @@ def finished_vector(config: AspectRunConfig, expected_init: dict | None = None) 
         recorded_init = {key: recorded_init.get(key) for key in INIT_KEYS}
     if recorded_init != expected_init:
         return None
+    recorded_start = record.get("start")
+    expected_start = start_entry(config)
+    if (recorded_start or {}).get("sha256") != (expected_start or {}).get("sha256"):
+        return None
     return vector_path
 
 
@@ -214,8 +226,12 @@ def export_vector(
     steps: int,
     log_history: list[dict],
     wall_seconds: float,
+    start: dict | None = None,
 ) -> Path:
-    """Write the adapter of ``model`` as ``DIR/task_vector.safetensors`` and its ``record.json``."""
+    """Write the adapter of ``model`` as ``DIR/task_vector.safetensors`` and its ``record.json``.
+
+    ``start`` is the :func:`start_entry` of a run that continues a bundle's vector.
+    """
     output_dir = config.output_dir
     vector = task_vector_from_peft(model, config.aspect)
     vector_path = output_dir / VECTOR_FILE
@@ -238,6 +254,8 @@ def export_vector(
         "final_logs": log_history[-3:],
         "torch_threads": torch.get_num_threads(),
     }
+    if start is not None:
+        record["start"] = start
     (output_dir / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     logger.info("%s: wrote %s after %d steps", config.aspect, vector_path, steps)
     return vector_path
@@ -280,6 +298,7 @@ def export_newest_checkpoint(config: AspectRunConfig) -> Path:
         state["global_step"],
         state["log_history"],
         wall_seconds,
+        start_entry(config),
     )
 
 
@@ -311,9 +330,21 @@ def build_parser(aspect_required: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_TARGETS))
     parser.add_argument("--heldout-fraction", type=float, default=0.1)
     parser.add_argument("--max-train-pairs", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the order")
+    parser.add_argument(
+        "--data-seed", type=int, default=None, help="seed of the training order only"
+    )
     parser.add_argument("--save-every", type=int, default=10, help="checkpoint interval in steps")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--bf16", action="store_true", help="bfloat16 autocast for forward and backward passes"
+    )
+    parser.add_argument(
+        "--start-bundle",
+        type=Path,
+        default=None,
+        help="a bundle whose vector of --aspect the LoRA starts from, to train it further",
+    )
     parser.add_argument(
         "--export-checkpoint",
         action="store_true",
@@ -342,8 +373,11 @@ def config_from_args(args: argparse.Namespace, aspect: str | None = None) -> Asp
         lora_alpha=args.lora_alpha,
         lora_targets=tuple(args.lora_targets),
         seed=args.seed,
+        data_seed=args.data_seed,
         save_every=args.save_every,
         threads=args.threads,
+        bf16=args.bf16,
+        start_bundle=args.start_bundle,
     )
 
 

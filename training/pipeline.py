@@ -94,6 +94,9 @@ class DpoSettings(BaseModel):
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     max_train_pairs: int | None = Field(default=None, gt=0)
     save_every: int = Field(default=10, gt=0)
+    bf16: bool = Field(
+        default=False, description="run forward and backward passes under bfloat16 autocast"
+    )
 
 
 class ScorerSettings(BaseModel):

@@ -40,10 +40,16 @@ def settings_differences(
     """Return the names of the settings in which a recorded config differs from ``config``."""
     expected = json.loads(config.model_dump_json())
     neutral = NEUTRAL_SETTINGS | also_allowed
+    # a setting added after the run was recorded counts as its default
+    defaults = {
+        name: json.loads(json.dumps(field.default, default=str))
+        for name, field in type(config).model_fields.items()
+        if not field.is_required()
+    }
     return sorted(
         key
         for key in recorded.keys() | expected.keys()
-        if key not in neutral and recorded.get(key) != expected.get(key)
+        if key not in neutral and recorded.get(key, defaults.get(key)) != expected.get(key)
     )
 
 
