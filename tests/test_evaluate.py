@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from training.evaluate import (
     build_sequence,
     collate,
     load_heldout,
+    paired_change,
     preference_accuracy,
     response_logprobs,
     summarize_scores,
@@ -168,3 +170,20 @@ def test_load_heldout_rejects_a_changed_data_file(tmp_path):
         load_heldout("harmlessness", recipe, tmp_path)
     with pytest.raises(EvaluationError, match="not found"):
         load_heldout("harmlessness", recipe, tmp_path / "elsewhere")
+
+
+def test_paired_change_of_hand_made_outcomes():
+    # rows are [chosen_sum, chosen_tokens, rejected_sum, rejected_tokens]
+    right, wrong, tie = [-1.0, 1, -2.0, 1], [-2.0, 1, -1.0, 1], [-1.0, 1, -1.0, 1]
+    base = [wrong, wrong, right, right]
+    model = [right, tie, right, right]
+    change, stderr = paired_change(base, model)
+    # per-pair changes 1, 0.5, 0, 0: mean 0.375, sample variance 0.2292, over 4 pairs
+    assert change == pytest.approx(0.375)
+    assert stderr == pytest.approx(math.sqrt((0.390625 + 0.015625 + 2 * 0.140625) / 3 / 4))
+
+
+def test_paired_change_rejects_unequal_lists():
+    row = [-1.0, 1, -2.0, 1]
+    with pytest.raises(ValueError, match="got 2 base and 3 model scores"):
+        paired_change([row, row], [row, row, row])

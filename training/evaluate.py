@@ -318,6 +318,33 @@ def summarize_scores(scores: Sequence[Sequence[float]]) -> dict:
     }
 
 
+def paired_change(base_scores: Sequence[Sequence[float]], scores: Sequence[Sequence[float]]):
+    """Return the change in summed accuracy against the base and its paired standard error.
+
+    Both models score the same pairs, so the error comes from the per-pair change in outcome
+    (1 correct, 0.5 tie, 0 wrong): its sample standard deviation over √n. It is smaller than
+    the two accuracies' own errors because most pairs get the same outcome from both models.
+
+    Raises:
+        ValueError: the two lists score different numbers of pairs, or fewer than two.
+    """
+    if len(base_scores) != len(scores):
+        raise ValueError(f"got {len(base_scores)} base and {len(scores)} model scores")
+    if len(scores) < 2:
+        raise ValueError("a paired standard error needs at least two pairs")
+
+    def outcome(row: Sequence[float]) -> float:
+        return 1.0 if row[0] > row[2] else 0.5 if row[0] == row[2] else 0.0
+
+    changes = [
+        outcome(mine) - outcome(base) for base, mine in zip(base_scores, scores, strict=True)
+    ]
+    count = len(changes)
+    mean = math.fsum(changes) / count
+    variance = math.fsum((change - mean) ** 2 for change in changes) / (count - 1)
+    return mean, math.sqrt(variance / count)
+
+
 class ScoreCache:
     """Per-pair scores of every (model, aspect) cell, saved as one JSON file.
 
@@ -437,7 +464,9 @@ def render_markdown(report: dict) -> str:
         "of DPO's implicit reward. **Per-token** compares each response's mean log-probability "
         "per token, which removes the advantage of shorter responses. Δ is the change against "
         "θ₀ in percentage points. The margin is the mean chosen − rejected summed "
-        "log-probability in nats. ± is one binomial standard error of the summed accuracy.",
+        "log-probability in nats. ± is one binomial standard error of the summed accuracy. The "
+        "± after Δ summed is its paired standard error: both models score the same pairs, so it "
+        "is the standard deviation of the per-pair change in outcome over √n.",
         "",
         "| Aspect | Model | Pairs | Summed acc. % | ± | Δ summed | Per-token acc. % "
         "| Δ per-token | Mean margin (nats) |",
@@ -454,6 +483,8 @@ def render_markdown(report: dict) -> str:
                     _format_delta(cell[key], base[key])
                     for key in ("accuracy_summed", "accuracy_per_token")
                 ]
+                if "change_summed_paired_stderr" in cell:
+                    deltas[0] += f" ± {_format_percent(cell['change_summed_paired_stderr'])}"
             lines.append(
                 f"| {aspect} | {MODEL_LABELS[model]} | {cell['pairs']} "
                 f"| {_format_percent(cell['accuracy_summed'])} "
@@ -620,11 +651,15 @@ def evaluate(
     scoring_seconds = 0.0
     for aspect in ASPECTS:
         results[aspect] = {}
+        rows = {}
         for model_name in MODELS:
             cell = cache.cell(model_name, aspect)
             scoring_seconds += cell["seconds"]
-            rows = [cell["scores"][str(index)] for index in encoded[aspect]]
-            results[aspect][model_name] = summarize_scores(rows)
+            rows[model_name] = [cell["scores"][str(index)] for index in encoded[aspect]]
+            results[aspect][model_name] = summarize_scores(rows[model_name])
+            if model_name != "base" and len(rows[model_name]) > 1:
+                _, stderr = paired_change(rows["base"], rows[model_name])
+                results[aspect][model_name]["change_summed_paired_stderr"] = stderr
 
     data = {}
     for aspect, heldout_set in heldout.items():
