@@ -323,7 +323,7 @@ def paired_change(base_scores: Sequence[Sequence[float]], scores: Sequence[Seque
 
     Both models score the same pairs, so the error comes from the per-pair change in outcome
     (1 correct, 0.5 tie, 0 wrong): its sample standard deviation over √n. It is smaller than
-    the two accuracies' own errors because most pairs get the same outcome from both models.
+    the two accuracies' own errors when most pairs get the same outcome from both models.
 
     Raises:
         ValueError: the two lists score different numbers of pairs, or fewer than two.
@@ -334,7 +334,11 @@ def paired_change(base_scores: Sequence[Sequence[float]], scores: Sequence[Seque
         raise ValueError("a paired standard error needs at least two pairs")
 
     def outcome(row: Sequence[float]) -> float:
-        return 1.0 if row[0] > row[2] else 0.5 if row[0] == row[2] else 0.0
+        if row[0] > row[2]:
+            return 1.0
+        if row[0] == row[2]:
+            return 0.5
+        return 0.0
 
     changes = [
         outcome(mine) - outcome(base) for base, mine in zip(base_scores, scores, strict=True)
