@@ -23,8 +23,9 @@ def start_entry(config: AspectRunConfig) -> dict | None:
     The entry contains the start bundle's name, the vector file's sha256 and the recipe that made it.
 
     Raises:
-        ValueError: the start bundle lacks the aspect, or its vector is not a low-rank one of the
-            run's rank, scaling and target modules; the message names the bundle and the field.
+        ValueError: the start bundle lacks the aspect, or its vector does not match the run's
+            LoRA (kind, rank, scaling or target modules). The message names the bundle and the
+            field.
     """
     if config.start_bundle is None:
         return None
