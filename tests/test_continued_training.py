@@ -44,7 +44,7 @@ def write_first_bundle(config, bundle, helpfulness_run=None):
 
 @pytest.fixture(scope="module")
 def continued(first):
-    """A run of two more steps from the first run's bundle, in bf16 autocast and another order."""
+    """Two more steps from the first run's bundle: bf16 autocast, another order, an NLL term."""
     config, bundle = first
     more = config.model_copy(
         update={
@@ -52,6 +52,7 @@ def continued(first):
             "start_bundle": bundle,
             "data_seed": 1,
             "bf16": True,
+            "sft_weight": 0.5,
         }
     )
     train_aspect(more)
@@ -159,6 +160,8 @@ def test_manifest_nests_earlier_recipe(first, continued, tmp_path):
     assert recipe["total_steps"] == 4
     assert recipe["data_seed"] == 1
     assert recipe["bf16_autocast"] is True
+    assert recipe["sft_weight"] == 0.5
+    assert "plus 0.5 × the per-token NLL of the chosen responses" in recipe["method"]
     assert "continuing the vector of bundle tiny-first" in recipe["method"]
     total = earlier.recipe["wall_time_seconds"] + recipe["wall_time_seconds"]
     assert recipe["total_wall_time_seconds"] == pytest.approx(total, abs=0.11)
@@ -168,7 +171,7 @@ def test_manifest_nests_earlier_recipe(first, continued, tmp_path):
 def test_missing_recorded_settings_use_defaults(first):
     config, _ = first
     recorded = json.loads(config.model_dump_json())
-    for newer in ("bf16", "data_seed", "start_bundle"):
+    for newer in ("bf16", "data_seed", "start_bundle", "sft_weight"):
         del recorded[newer]
     assert settings_differences(recorded, config) == []
     assert settings_differences(recorded, config.model_copy(update={"bf16": True})) == ["bf16"]

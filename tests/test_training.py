@@ -7,6 +7,7 @@ DPOTrainer with a PEFT LoRA, checkpoints, the exported vector and the record.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -120,6 +121,7 @@ def test_finished_run_is_kept_under_another_thread_count(run):
         {"lora_rank": 4},
         {"data_seed": 1},
         {"bf16": True},
+        {"sft_weight": 0.5},
     ],
 )
 def test_changed_settings_do_not_count_as_finished(run, update):
@@ -165,3 +167,24 @@ def test_export_without_checkpoint_names_the_folder(tmp_path, run):
     empty = config.model_copy(update={"output_dir": tmp_path / "empty"})
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         export_newest_checkpoint(empty)
+
+
+def first_step_loss(config) -> float:
+    train_aspect(config)
+    record = json.loads((config.output_dir / RECORD_FILE).read_text())
+    return next(log["loss"] for log in record["final_logs"] if log.get("step") == 1)
+
+
+def test_nll_term_adds_to_dpo_loss(run, tmp_path):
+    config, _ = run
+    one_step = {"steps": 1, "save_every": 1}
+    dpo = config.model_copy(update={**one_step, "output_dir": tmp_path / "dpo"})
+    with_nll = config.model_copy(
+        update={**one_step, "output_dir": tmp_path / "nll", "sft_weight": 1.0}
+    )
+    # the LoRA starts at zero, so the policy equals the reference and DPO's loss is log 2
+    assert first_step_loss(dpo) == pytest.approx(math.log(2), abs=1e-3)
+    # a random tiny model gives the chosen tokens a mean NLL of several nats
+    assert first_step_loss(with_nll) - math.log(2) > 3.0
+    record = json.loads((with_nll.output_dir / RECORD_FILE).read_text())
+    assert record["config"]["sft_weight"] == 1.0

@@ -64,6 +64,11 @@ def recipe_from_record(record: dict) -> dict:
     if config.get("data_seed") is not None:
         recipe["data_seed"] = config["data_seed"]
     recipe["bf16_autocast"] = bool(config.get("bf16", False))
+    if config.get("sft_weight"):
+        recipe["sft_weight"] = config["sft_weight"]
+        recipe["method"] += (
+            f", plus {config['sft_weight']:g} × the per-token NLL of the chosen responses"
+        )
     if init is not None:
         recipe["init"] = {key: init[key] for key in ("lambda", "coefficients", "vector_sha256")}
     start = record.get("start")

@@ -45,6 +45,12 @@ class AspectRunConfig(BaseModel):
         default=None,
         description="a bundle whose vector of this aspect the LoRA starts from, to train it further",
     )
+    sft_weight: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="weight of a per-token negative log-likelihood term on the chosen responses, "
+        "added to the DPO loss; 0 trains with DPO alone",
+    )
 
     @property
     def effective_batch_size(self) -> int:

@@ -135,6 +135,7 @@ def train_aspect(
         lr_scheduler_type="cosine",
         warmup_steps=max(1, config.steps // 20),
         beta=config.beta,
+        **loss_settings(config),
         max_length=config.max_length,
         logging_steps=1,
         save_steps=config.save_every,
@@ -184,6 +185,17 @@ def train_aspect(
         wall_time.total(),
         start,
     )
+
+
+def loss_settings(config: AspectRunConfig) -> dict:
+    """Return the DPOConfig loss options of a run: DPO alone, or DPO plus an NLL term on chosen.
+
+    TRL's ``sft`` loss is the mean negative log-likelihood per chosen-response token, so the
+    term does not grow with response length. ``sft_weight`` scales it against the DPO loss.
+    """
+    if config.sft_weight == 0.0:
+        return {"loss_type": ["sigmoid"]}
+    return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, config.sft_weight]}
 
 
 INIT_KEYS = ("lambda", "coefficients", "vector_sha256")
@@ -340,6 +352,12 @@ def build_parser(aspect_required: bool = True) -> argparse.ArgumentParser:
         "--bf16", action="store_true", help="bfloat16 autocast for forward and backward passes"
     )
     parser.add_argument(
+        "--sft-weight",
+        type=float,
+        default=0.0,
+        help="weight of a per-token NLL term on chosen responses added to the DPO loss",
+    )
+    parser.add_argument(
         "--start-bundle",
         type=Path,
         default=None,
@@ -378,6 +396,7 @@ def config_from_args(args: argparse.Namespace, aspect: str | None = None) -> Asp
         threads=args.threads,
         bf16=args.bf16,
         start_bundle=args.start_bundle,
+        sft_weight=args.sft_weight,
     )
 
 
