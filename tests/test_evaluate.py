@@ -20,7 +20,9 @@ from training.evaluate import (
     load_heldout,
     paired_change,
     preference_accuracy,
+    render_markdown,
     response_logprobs,
+    reward_accuracy,
     summarize_scores,
 )
 
@@ -183,7 +185,68 @@ def test_paired_change_of_hand_made_outcomes():
     assert stderr == pytest.approx(math.sqrt((0.390625 + 0.015625 + 2 * 0.140625) / 3 / 4))
 
 
+def test_per_token_paired_change():
+    # summed, the chosen side loses; per token (-3/6 against -2/2) it wins
+    row = [-3.0, 6, -2.0, 2]
+    base = [[-3.0, 6, -1.0, 2], row]
+    assert paired_change(base, [row, row]) == (0.0, 0.0)
+    change, stderr = paired_change(base, [row, row], per_token=True)
+    # per token, the base ties the first pair (-0.5 each) and wins the second.
+    # The model wins both, so the changes are 0.5 and 0.
+    assert change == pytest.approx(0.25)
+    assert stderr == pytest.approx(math.sqrt((0.0625 + 0.0625) / 1 / 2))
+
+
+def test_reward_accuracy_counts_widened_margins():
+    base = [[-10.0, 5, -5.0, 5], [-4.0, 2, -6.0, 2], [-3.0, 1, -3.0, 1]]
+    # pair 1 widens by 2 nats though still wrong, pair 2 narrows, pair 3 does not move
+    model = [[-9.0, 5, -6.0, 5], [-5.0, 2, -6.0, 2], [-3.0, 1, -3.0, 1]]
+    assert reward_accuracy(base, model) == pytest.approx((1 + 0 + 0.5) / 3)
+    with pytest.raises(ValueError, match="got 3 base and 2 model scores"):
+        reward_accuracy(base, model[:2])
+
+
 def test_paired_change_rejects_unequal_lists():
     row = [-1.0, 1, -2.0, 1]
     with pytest.raises(ValueError, match="got 2 base and 3 model scores"):
         paired_change([row, row], [row, row, row])
+
+
+def test_markdown_row_shows_reward_accuracy():
+    base = summarize_scores([[-10.0, 5, -5.0, 5], [-4.0, 2, -6.0, 2]])
+    tuned = {
+        **summarize_scores([[-9.0, 5, -6.0, 5], [-4.0, 2, -6.0, 2]]),
+        "change_summed_paired_stderr": 0.012,
+        "change_per_token_paired_stderr": 0.034,
+        "reward_accuracy": 0.75,
+    }
+    data = {
+        "files": {"pairs.jsonl.gz": "ab" * 32},
+        "heldout_fraction": 0.1,
+        "seed": 0,
+        "heldout_pairs": 2,
+        "total_pairs": 20,
+        "max_pairs": None,
+        "dropped_pairs": 0,
+        "max_prompt_tokens": 112,
+        "max_length": 192,
+    }
+    cells = {"base": base, "helpfulness": tuned, "harmlessness": tuned}
+    report = {
+        "bundle": {"name": "tiny", "path": "checkpoints/tiny"},
+        "base_model": {"source_file": "base.gguf"},
+        "dtype": "float32",
+        "device": "cpu",
+        "results": {"helpfulness": cells, "harmlessness": cells},
+        "data": {"helpfulness": data, "harmlessness": data},
+        "command": "python -m training.evaluate",
+        "machine": {"processor": "x86_64", "cpu_count": 2, "torch_threads": 2, "torch": "2"},
+        "wall_time_seconds": 1.0,
+        "scoring_seconds": 1.0,
+    }
+    lines = render_markdown(report).splitlines()
+    base_row = next(line for line in lines if line.startswith("| helpfulness | θ₀ |"))
+    tuned_row = next(line for line in lines if line.startswith("| helpfulness | θ₀ + τ_help |"))
+    # both pairs keep their outcomes, and the mean margin is (-3 + 2) / 2
+    assert tuned_row.split(" | ")[5:] == ["+0.0 ± 1.2", "50.0", "+0.0 ± 3.4", "-0.50", "75.0 |"]
+    assert base_row.endswith("| — |")

@@ -318,8 +318,14 @@ def summarize_scores(scores: Sequence[Sequence[float]]) -> dict:
     }
 
 
-def paired_change(base_scores: Sequence[Sequence[float]], scores: Sequence[Sequence[float]]):
-    """Return the change in summed accuracy against the base and its paired standard error.
+def paired_change(
+    base_scores: Sequence[Sequence[float]],
+    scores: Sequence[Sequence[float]],
+    per_token: bool = False,
+):
+    """Return the change in accuracy against the base and its paired standard error.
+
+    ``per_token`` compares mean log-probabilities per token instead of summed ones.
 
     Both models score the same pairs, so the error comes from the per-pair change in outcome
     (1 correct, 0.5 tie, 0 wrong): its sample standard deviation over √n. It is smaller than
@@ -334,9 +340,10 @@ def paired_change(base_scores: Sequence[Sequence[float]], scores: Sequence[Seque
         raise ValueError("a paired standard error needs at least two pairs")
 
     def outcome(row: Sequence[float]) -> float:
-        if row[0] > row[2]:
+        chosen, rejected = (row[0] / row[1], row[2] / row[3]) if per_token else (row[0], row[2])
+        if chosen > rejected:
             return 1.0
-        if row[0] == row[2]:
+        if chosen == rejected:
             return 0.5
         return 0.0
 
@@ -347,6 +354,25 @@ def paired_change(base_scores: Sequence[Sequence[float]], scores: Sequence[Seque
     mean = math.fsum(changes) / count
     variance = math.fsum((change - mean) ** 2 for change in changes) / (count - 1)
     return mean, math.sqrt(variance / count)
+
+
+def reward_accuracy(
+    base_scores: Sequence[Sequence[float]], scores: Sequence[Sequence[float]]
+) -> float:
+    """Return the share of pairs whose summed margin the model widens against the base.
+
+    This is the accuracy of DPO's implicit reward with the base as the reference: a pair counts
+    when (log π(chosen) − log π₀(chosen)) − (log π(rejected) − log π₀(rejected)) is positive,
+    ties counting half. It shows what the vector learned, whatever the base's own margin.
+
+    Raises:
+        ValueError: the two lists score different numbers of pairs, or none.
+    """
+    if len(base_scores) != len(scores):
+        raise ValueError(f"got {len(base_scores)} base and {len(scores)} model scores")
+    chosen = [mine[0] - base[0] for base, mine in zip(base_scores, scores, strict=True)]
+    rejected = [mine[2] - base[2] for base, mine in zip(base_scores, scores, strict=True)]
+    return preference_accuracy(chosen, rejected)
 
 
 class ScoreCache:
@@ -469,12 +495,14 @@ def render_markdown(report: dict) -> str:
         "per token, which removes the advantage of shorter responses. Δ is the change against "
         "θ₀ in percentage points. The margin is the mean chosen − rejected summed "
         "log-probability in nats. ± is one binomial standard error of the summed accuracy. The "
-        "± after Δ summed is its paired standard error: both models score the same pairs, so it "
-        "is the standard deviation of the per-pair change in outcome over √n.",
+        "± after each Δ is its paired standard error: both models score the same pairs, so it "
+        "is the standard deviation of the per-pair change in outcome over √n. **Reward acc.** is "
+        "the accuracy of DPO's implicit reward with θ₀ as the reference: the share of pairs "
+        "whose summed margin the vector widens, whatever the sign of θ₀'s own margin.",
         "",
         "| Aspect | Model | Pairs | Summed acc. % | ± | Δ summed | Per-token acc. % "
-        "| Δ per-token | Mean margin (nats) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| Δ per-token | Mean margin (nats) | Reward acc. % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for aspect in ASPECTS:
         cells = report["results"][aspect]
@@ -487,14 +515,20 @@ def render_markdown(report: dict) -> str:
                     _format_delta(cell[key], base[key])
                     for key in ("accuracy_summed", "accuracy_per_token")
                 ]
-                if "change_summed_paired_stderr" in cell:
-                    deltas[0] += f" ± {_format_percent(cell['change_summed_paired_stderr'])}"
+                for column, key in enumerate(
+                    ("change_summed_paired_stderr", "change_per_token_paired_stderr")
+                ):
+                    if key in cell:
+                        deltas[column] += f" ± {_format_percent(cell[key])}"
+            reward = "—"
+            if "reward_accuracy" in cell:
+                reward = _format_percent(cell["reward_accuracy"])
             lines.append(
                 f"| {aspect} | {MODEL_LABELS[model]} | {cell['pairs']} "
                 f"| {_format_percent(cell['accuracy_summed'])} "
                 f"| {_format_percent(cell['accuracy_summed_stderr'])} | {deltas[0]} "
                 f"| {_format_percent(cell['accuracy_per_token'])} | {deltas[1]} "
-                f"| {cell['mean_margin_summed']:+.2f} |"
+                f"| {cell['mean_margin_summed']:+.2f} | {reward} |"
             )
 
     lines += ["", "## Setting", ""]
@@ -662,8 +696,12 @@ def evaluate(
             rows[model_name] = [cell["scores"][str(index)] for index in encoded[aspect]]
             results[aspect][model_name] = summarize_scores(rows[model_name])
             if model_name != "base" and len(rows[model_name]) > 1:
+                cell_result = results[aspect][model_name]
                 _, stderr = paired_change(rows["base"], rows[model_name])
-                results[aspect][model_name]["change_summed_paired_stderr"] = stderr
+                cell_result["change_summed_paired_stderr"] = stderr
+                _, stderr = paired_change(rows["base"], rows[model_name], per_token=True)
+                cell_result["change_per_token_paired_stderr"] = stderr
+                cell_result["reward_accuracy"] = reward_accuracy(rows["base"], rows[model_name])
 
     data = {}
     for aspect, heldout_set in heldout.items():
