@@ -11,6 +11,7 @@ from training.margin_shift import (
     analyse,
     load_rows,
     main,
+    read_report,
     scaled_shift_change,
     uniform_shift_change,
 )
@@ -93,3 +94,19 @@ def test_missing_cache_names_the_command(tmp_path):
     report["cache_file"] = str(tmp_path / "gone.json")
     with pytest.raises(MarginShiftError, match=r"gone.json not found\. Run .*training.evaluate"):
         load_rows(report)
+
+
+def test_markdown_report_is_rejected(tmp_path):
+    table = tmp_path / "accuracy.md"
+    table.write_text("# Preference accuracy\n")
+    with pytest.raises(MarginShiftError, match=r"accuracy.md is not JSON .* Pass the \.json file"):
+        read_report(table)
+
+
+def test_report_without_cache_key_is_rejected(tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"bundle": {}, "command": "x", "results": {}}))
+    with pytest.raises(
+        MarginShiftError, match="not a training.evaluate report: missing cache_file"
+    ):
+        read_report(path)

@@ -25,6 +25,7 @@ from training.dpo import (
     finished_vector,
     train_aspect,
 )
+from training.dpo import main as dpo_main
 
 
 def write_pairs(path, count: int) -> None:
@@ -188,3 +189,18 @@ def test_nll_term_adds_to_dpo_loss(run, tmp_path):
     assert first_step_loss(with_nll) - math.log(2) > 3.0
     record = json.loads((with_nll.output_dir / RECORD_FILE).read_text())
     assert record["config"]["sft_weight"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--sft-weight", "-1", "--sft-weight -1.0 is invalid: input should be greater than or"),
+        ("--steps", "0", "--steps 0 is invalid: input should be greater than 0"),
+    ],
+)
+def test_invalid_option_names_the_option(tmp_path, capsys, option, value, expected):
+    argv = ["--aspect", "helpfulness", "--data", str(tmp_path), "--output-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        dpo_main([*argv, option, value])
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err

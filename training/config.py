@@ -4,10 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ASPECTS = ("helpfulness", "harmlessness")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def describe_option_errors(error: ValidationError) -> str:
+    """Return one line per invalid setting, named by its command-line option.
+
+    Example: ``--sft-weight -1.0 is invalid: input should be greater than or equal to 0``.
+    """
+    lines = []
+    for item in error.errors():
+        option = "--" + str(item["loc"][0]).replace("_", "-") if item["loc"] else "options"
+        message = item["msg"][:1].lower() + item["msg"][1:]
+        lines.append(f"{option} {item['input']!r} is invalid: {message}")
+    return "\n".join(lines)
 
 
 class AspectRunConfig(BaseModel):

@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from peo_merge.base_model import load_base_model, resolve_base_model
 from peo_merge.task_vector import save_task_vector, task_vector_from_peft
-from training.config import DEFAULT_TARGETS, AspectRunConfig
+from training.config import DEFAULT_TARGETS, AspectRunConfig, describe_option_errors
 from training.data import read_pairs, split_train_heldout, to_dpo_rows
 from training.runs import check_resumable, data_hashes, same_data, settings_differences
 from training.start_vector import load_start_factors, start_entry
@@ -404,8 +405,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValidationError as error:
+        parser.error(describe_option_errors(error))
     if args.export_checkpoint:
         export_newest_checkpoint(config)
     else:

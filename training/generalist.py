@@ -18,12 +18,13 @@ import logging
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from peo_merge.base_model import load_base_model, resolve_base_model, sha256_file
 from peo_merge.bundle import load_bundle, read_manifest
 from peo_merge.fused_model import base_state
 from peo_merge.fusion import Fuser
-from training.config import AspectRunConfig
+from training.config import AspectRunConfig, describe_option_errors
 from training.dpo import (
     RECORD_FILE,
     build_parser,
@@ -143,7 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bundle", required=True, type=Path, help="bundle with both vectors")
     parser.add_argument("--init-weight", type=float, default=0.5, help="λ of θ_init")
     args = parser.parse_args(argv)
-    config = config_from_args(args, aspect="mixed")
+    try:
+        config = config_from_args(args, aspect="mixed")
+    except ValidationError as error:
+        parser.error(describe_option_errors(error))
     if args.export_checkpoint:
         export_newest_checkpoint(config)
         record_init(config, args.bundle, args.init_weight)

@@ -85,6 +85,30 @@ def analyse(base_rows: Sequence[Sequence[float]], model_rows: Sequence[Sequence[
     }
 
 
+REPORT_KEYS = ("bundle", "cache_file", "command", "results")
+
+
+def read_report(path: Path) -> dict:
+    """Read a JSON report of ``training.evaluate``.
+
+    Raises:
+        MarginShiftError: the file is not JSON or lacks a key of such a report.
+    """
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise MarginShiftError(
+            f"{path} is not JSON ({error}). Pass the .json file that training.evaluate writes "
+            "next to its Markdown table"
+        ) from error
+    missing = [key for key in REPORT_KEYS if not isinstance(report, dict) or key not in report]
+    if missing:
+        raise MarginShiftError(
+            f"{path} is not a training.evaluate report: missing {', '.join(missing)}"
+        )
+    return report
+
+
 def load_rows(report: dict) -> dict[str, tuple[list, list]]:
     """Return ``{aspect: (base rows, own-vector rows)}`` from the report's score cache.
 
@@ -166,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, type=Path, help="Markdown file to write")
     args = parser.parse_args(argv)
     try:
-        report = json.loads(args.report.read_text())
+        report = read_report(args.report)
         rows = load_rows(report)
     except (OSError, MarginShiftError) as error:
         sys.exit(f"error: {error}")

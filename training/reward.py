@@ -23,8 +23,9 @@ import logging
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
-from training.config import ScorerRunConfig
+from training.config import ScorerRunConfig, describe_option_errors
 from training.data import PreferencePair, read_pairs, split_train_heldout
 from training.dpo import WALL_TIME_FILE, WallTime
 from training.runs import check_resumable, data_hashes, same_data, settings_differences
@@ -288,9 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    config = ScorerRunConfig(**{k: v for k, v in vars(args).items() if v is not None})
+    try:
+        config = ScorerRunConfig(**{k: v for k, v in vars(args).items() if v is not None})
+    except ValidationError as error:
+        parser.error(describe_option_errors(error))
     path = train_scorer(config)
     print(json.loads(path.read_text())["heldout"])
 
