@@ -25,7 +25,7 @@ from training.dpo import (
     finished_vector,
     train_aspect,
 )
-from training.dpo import main as dpo_main
+from training.dpo import main as run_dpo_command
 
 
 def write_pairs(path, count: int) -> None:
@@ -201,6 +201,6 @@ def test_nll_term_adds_to_dpo_loss(run, tmp_path):
 def test_invalid_option_names_the_option(tmp_path, capsys, option, value, expected):
     argv = ["--aspect", "helpfulness", "--data", str(tmp_path), "--output-dir", str(tmp_path)]
     with pytest.raises(SystemExit) as exit_info:
-        dpo_main([*argv, option, value])
+        run_dpo_command([*argv, option, value])
     assert exit_info.value.code == 2
     assert expected in capsys.readouterr().err
